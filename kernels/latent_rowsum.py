@@ -1,0 +1,72 @@
+"""By-latent segment sum: the one kernel behind both weight gradients of the sparse path.
+
+out[f] = sum over pairs p of latent f of coef[p] * rows[p // k]   (and sums[f] = sum coef[p])
+
+- decoder:  coef = values,  rows = grad of the reconstruction  -> grad W_dec
+- encoder:  coef = grad of the pre-activations at the chosen pairs,
+            rows = x - b_pre                                    -> grad W_enc, grad b_enc
+
+Each latent's segment (from saeengine.ops.latent_index) is summed by one program in a
+fixed order, so the result is bitwise repeatable; latents that never fired keep a zero row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, next_pow2
+
+
+@triton.jit
+def _latent_rowsum_kernel(
+    order_ptr, unique_ptr, starts_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
+    k, d, stride_rn, stride_of,
+    HAS_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    latent = tl.load(unique_ptr + slot)
+    if latent >= 0:  # slots past the number of distinct latents hold -1
+        start = tl.load(starts_ptr + slot)
+        end = tl.load(starts_ptr + slot + 1)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_mask = cols < d
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        coef_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            p_mask = ps < end
+            pair = tl.load(order_ptr + ps, mask=p_mask, other=0)
+            coef = tl.load(coef_ptr + pair, mask=p_mask, other=0.0).to(tl.float32)
+            token = pair // k
+            r = tl.load(rows_ptr + token[:, None] * stride_rn + cols[None, :],
+                        mask=p_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(r * coef[:, None], axis=0)
+            coef_sum += coef
+        tl.store(out_ptr + latent * stride_of + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+        if HAS_SUMS:
+            if tl.program_id(1) == 0:
+                tl.store(sums_ptr + latent, tl.sum(coef_sum, axis=0).to(sums_ptr.dtype.element_ty))
+
+
+def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int, n_latents: int,
+                           out_dtype: torch.dtype = torch.float32, with_sums: bool = False):
+    """index: LatentIndex over P = N*k pairs; coef [N, k]; rows [N, d] ->
+    (out [n_latents, d] of out_dtype, sums [n_latents] of out_dtype or None)."""
+    coef, rows = coef.contiguous(), rows.contiguous()
+    n_pairs = coef.numel()
+    d = rows.shape[1]
+    out = torch.zeros(n_latents, d, dtype=out_dtype, device=rows.device)
+    sums = torch.zeros(n_latents, dtype=out_dtype, device=rows.device) if with_sums else None
+    if n_pairs == 0:
+        return out, sums
+    block_d = min(next_pow2(d), 64 if interpreting() else 256)
+    grid = (n_pairs, triton.cdiv(d, block_d))
+    _latent_rowsum_kernel[grid](
+        index.order, index.unique_latents, index.segment_starts, coef, rows, out,
+        sums if sums is not None else out,
+        k, d, rows.stride(0), out.stride(0),
+        HAS_SUMS=with_sums, BLOCK_P=16, BLOCK_D=block_d,
+    )
+    return out, sums

@@ -1,0 +1,84 @@
+"""SAE configuration: one frozen dataclass, stored in every checkpoint's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+NORMALIZATIONS = ("none", "mean_norm")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape, architecture and preprocessing of one sparse autoencoder."""
+
+    d_in: int
+    """Width of the activations the SAE reads (the backbone's hidden size)."""
+    d_sae: int
+    """Number of latents F (the dictionary size)."""
+    architecture: str = "topk"
+    """"topk" (k per token), "batchtopk" (k * N per batch; a threshold for inference),
+    "relu" (ReLU + L1 penalty) or "jumprelu" (learned per-latent thresholds)."""
+    k: int = 32
+    """Active latents per token for "topk" and "batchtopk" (average for the latter)."""
+    dtype: str = "float32"
+    """Parameter dtype: "float32", "float16" or "bfloat16". Use torch.autocast for
+    bf16 compute over fp32 parameters."""
+    normalization: str = "none"
+    """Input normalization: "none", or "mean_norm" (subtract the data mean, then scale so
+    the mean L2 norm is sqrt(d_in)); the statistics are stored in the checkpoint."""
+    k_aux: int | None = None
+    """Latents in the AuxK code over dead latents; None means d_in // 2 (capped at d_sae)."""
+    aux_alpha: float = 1.0 / 32.0
+    """Weight of the AuxK loss in the total loss."""
+    jumprelu_threshold: float = 1e-3
+    """Initial threshold of every latent for "jumprelu"."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance: backbone, layer, token kind, dataset, ..."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"SAEConfig.architecture={self.architecture!r}; choose one of {ARCHITECTURES}")
+        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ValueError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae}; it must satisfy 1 <= k <= d_sae")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"SAEConfig.dtype={self.dtype!r}; choose one of {tuple(DTYPES)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"SAEConfig.normalization={self.normalization!r}; choose one of {NORMALIZATIONS}")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
+            raise ValueError(f"SAEConfig.k_aux={self.k_aux} must satisfy 1 <= k_aux <= d_sae={self.d_sae}")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"SAEConfig.metadata must be a dict, got {type(self.metadata).__name__}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def effective_k_aux(self) -> int:
+        return self.k_aux if self.k_aux is not None else max(1, min(self.d_in // 2, self.d_sae))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SAEConfig fields {unknown}; this checkpoint may come from a newer saeengine")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"SAEConfig fields missing: {missing}")
+        return cls(**data)

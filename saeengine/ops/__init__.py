@@ -1,0 +1,21 @@
+"""Functional ops with backend dispatch (``backend="auto" | "torch" | "triton" | "cuda"``).
+
+Each op's torch reference sits beside it (``*_ref``): CPU path, test oracle, baseline.
+"""
+
+from .code import SparseCode
+from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
+from .sparse_decode import sparse_decode, sparse_decode_backward_ref, sparse_decode_ref
+from .topk_encode import topk_encode, topk_encode_ref
+
+__all__ = [
+    "LatentIndex",
+    "SparseCode",
+    "build_latent_index",
+    "latent_weighted_rowsum_ref",
+    "sparse_decode",
+    "sparse_decode_backward_ref",
+    "sparse_decode_ref",
+    "topk_encode",
+    "topk_encode_ref",
+]

@@ -1,0 +1,77 @@
+"""Boundary checks shared by the functional ops: each error names the argument and the fix."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_matrix(name: str, t: torch.Tensor, cols: int | None = None, what: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {what}, got shape {tuple(t.shape)}")
+    if cols is not None and t.shape[1] != cols:
+        raise ValueError(f"{name} has {t.shape[1]} columns but {cols} are expected {what}".rstrip())
+
+
+def check_vector(name: str, t: torch.Tensor | None, size: int) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != size:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape [{size}], got {shape}")
+
+
+def check_nonempty(name: str, t: torch.Tensor) -> None:
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (0 rows); pass at least one row")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {str(v.device) for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"tensors are on different devices ({listing}); move them to one device with .to(device)")
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    dtypes = {v.dtype for v in present.values()}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{k} is {v.dtype}" for k, v in present.items())
+        raise TypeError(f"mixed dtypes ({listing}); cast them to one dtype, or run under torch.autocast")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    # One reduction and one host sync; callers on the hot path pass check=False.
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{name} has {bad} non-finite values (NaN or inf); clean the activations, "
+            "or pass check=False to skip this check"
+        )
+
+
+def check_k(k: int, d_sae: int, name: str = "k") -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 1 or k > d_sae:
+        raise ValueError(f"{name}={k} is out of range: it must satisfy 1 <= {name} <= d_sae={d_sae}")
+
+
+def check_indices(indices: torch.Tensor, n_latents: int) -> None:
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}; use indices.long()")
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= n_latents:
+        raise IndexError(f"indices hold values in [{lo}, {hi}] but must lie in [0, {n_latents - 1}] (W_dec has {n_latents} rows)")

@@ -1,0 +1,57 @@
+"""The by-latent index of one step's (token, slot) pairs, shared by both weight gradients.
+
+Pairs are the N*k entries of an ``indices [N, k]`` tensor, numbered p = n*k + j. Sorting
+them by latent (stably, so equal latents keep increasing p) gives, for every latent that
+fired, a contiguous segment of pairs; a weight-gradient row is then a sum over one segment
+in a fixed order: deterministic, with no float atomics and no [N, k, d] temporary.
+
+Built with torch ops and no host sync: the number of distinct latents stays on the device
+(``unique_latents`` is padded with -1, and kernels skip those slots).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class LatentIndex(NamedTuple):
+    order: torch.Tensor           # [P] int64: pair ids sorted by latent (stable)
+    unique_latents: torch.Tensor  # [P] int64: u-th distinct latent, -1 past the last one
+    segment_starts: torch.Tensor  # [P + 1] int64: segment u is order[starts[u]:starts[u+1]]
+
+
+def build_latent_index(indices: torch.Tensor) -> LatentIndex:
+    """indices [N, k] int64 -> :class:`LatentIndex` over its P = N*k pairs."""
+    flat = indices.reshape(-1)
+    n_pairs = flat.numel()
+    sorted_latents, order = torch.sort(flat, stable=True)
+    is_start = torch.ones_like(sorted_latents, dtype=torch.bool)
+    is_start[1:] = sorted_latents[1:] != sorted_latents[:-1]
+    segment_id = torch.cumsum(is_start, 0) - 1
+    unique_latents = torch.full_like(flat, -1)
+    unique_latents.scatter_(0, segment_id, sorted_latents)  # equal values per segment: order-free
+    segment_starts = torch.full((n_pairs + 1,), n_pairs, dtype=torch.int64, device=flat.device)
+    positions = torch.arange(n_pairs, device=flat.device)
+    segment_starts.scatter_reduce_(0, segment_id, positions, reduce="amin", include_self=True)
+    return LatentIndex(order, unique_latents, segment_starts)
+
+
+def latent_weighted_rowsum_ref(
+    indices: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for the by-latent segment sum used by both weight gradients.
+
+    indices [N, k] int64, coef [N, k] (one coefficient per pair), rows [N, d] ->
+    (out [n_latents, d] fp32 with out[f] = sum over pairs (n, j) with indices[n, j] = f of
+    coef[n, j] * rows[n], sums [n_latents] fp32 with sums[f] = the same sum of coef).
+    """
+    n, k = indices.shape
+    flat = indices.reshape(-1)
+    contrib = coef.float().reshape(n, k, 1) * rows.float().reshape(n, 1, -1)
+    out = torch.zeros(n_latents, rows.shape[1], dtype=torch.float32, device=rows.device)
+    out.index_add_(0, flat, contrib.reshape(n * k, -1))
+    sums = torch.zeros(n_latents, dtype=torch.float32, device=rows.device)
+    sums.index_add_(0, flat, coef.float().reshape(-1))
+    return out, sums

@@ -1,0 +1,111 @@
+"""Sparse decode: out[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec.
+
+Layers: torch reference (here) | Triton kernels (kernels/sparse_decode.py,
+kernels/latent_rowsum.py) wired by ``SparseDecodeTriton`` | CUDA op
+``torch.ops.saeengine.sparse_decode`` (csrc/) | functional :func:`sparse_decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from saeengine.backends import resolve_backend
+
+from . import _checks
+from .latent_index import LatentIndex, build_latent_index
+
+
+def sparse_decode_ref(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                      b_dec: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference (CPU path, test oracle, benchmark baseline); fp32 accumulation.
+
+    values [N, k], indices [N, k] int64, W_dec [F, d], b_dec [d] -> [N, d] in W_dec's dtype.
+    """
+    out = F.embedding_bag(indices, W_dec.float(), per_sample_weights=values.float(), mode="sum")
+    if b_dec is not None:
+        out = out + b_dec.float()
+    return out.to(W_dec.dtype)
+
+
+def sparse_decode_backward_ref(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                               W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference gradients: (grad_values [N, k], grad_W_dec [F, d]), fp32 math.
+
+    Materializes [N, k, d]; it is the oracle, not a fast path.
+    """
+    g = grad_out.float()
+    gathered = W_dec.float()[indices]                       # [N, k, d]
+    grad_values = torch.einsum("nd,nkd->nk", g, gathered)
+    contrib = values.float()[..., None] * g[:, None, :]      # [N, k, d]
+    grad_W = torch.zeros(W_dec.shape, dtype=torch.float32, device=W_dec.device)
+    grad_W.index_add_(0, indices.reshape(-1), contrib.reshape(-1, W_dec.shape[1]))
+    return grad_values.to(values.dtype), grad_W.to(W_dec.dtype)
+
+
+class SparseDecodeTriton(torch.autograd.Function):
+    """Triton forward; deterministic sparse backward through the by-latent index."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec, latent_index):
+        from saeengine.kernels.sparse_decode import sparse_decode_forward
+
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.latent_index = latent_index
+        ctx.has_bias = b_dec is not None
+        ctx.mark_non_differentiable(indices)
+        return sparse_decode_forward(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
+        from saeengine.kernels.sparse_decode import sparse_decode_grad_values
+
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_values = sparse_decode_grad_values(grad_out, indices, W_dec, out_dtype=values.dtype)
+        if ctx.needs_input_grad[2]:
+            index = ctx.latent_index if ctx.latent_index is not None else build_latent_index(indices)
+            grad_W, _ = latent_weighted_rowsum(index, values, grad_out, indices.shape[1], W_dec.shape[0],
+                                               out_dtype=W_dec.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad_out.float().sum(0).to(grad_out.dtype)
+        return grad_values, None, grad_W, grad_b, None
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                  b_dec: torch.Tensor | None = None, *, backend: str = "auto",
+                  latent_index: LatentIndex | None = None, check: bool = True) -> torch.Tensor:
+    """Decode sparse codes: ``out[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec``.
+
+    Args:
+        values: [N, k] activations (float32, float16 or bfloat16; W_dec's dtype).
+        indices: [N, k] int64 latent ids in [0, F).
+        W_dec: [F, d] decoder rows.
+        b_dec: [d] bias, or None.
+        backend: "auto", "torch", "triton" or "cuda" (see saeengine.backends).
+        latent_index: the by-latent index of ``indices`` if already built (saves a sort
+            in the backward).
+        check: validate shapes, devices, dtypes and index range (one host sync).
+    Returns:
+        [N, d] in W_dec's dtype, accumulated in fp32. Differentiable in values, W_dec, b_dec.
+    """
+    if check:
+        _checks.check_matrix("values", values, what="[N, k]")
+        _checks.check_matrix("indices", indices, cols=values.shape[1], what="[N, k] like values")
+        _checks.check_matrix("W_dec", W_dec, what="[F, d]")
+        if indices.shape[0] != values.shape[0]:
+            raise ValueError(f"values has {values.shape[0]} rows but indices has {indices.shape[0]}")
+        _checks.check_vector("b_dec", b_dec, W_dec.shape[1])
+        _checks.check_nonempty("values", values)
+        _checks.check_float("W_dec", W_dec)
+        _checks.check_same_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec)
+        _checks.check_same_dtype(values=values, W_dec=W_dec, b_dec=b_dec)
+        _checks.check_indices(indices, W_dec.shape[0])
+    backend = resolve_backend(backend, "sparse_decode", W_dec.device)
+    if backend == "torch":
+        return sparse_decode_ref(values, indices, W_dec, b_dec)
+    if backend == "triton":
+        return SparseDecodeTriton.apply(values, indices, W_dec, b_dec, latent_index)
+    return torch.ops.saeengine.sparse_decode(values, indices, W_dec, b_dec)

@@ -1,0 +1,247 @@
+"""The SAE module: parameters, normalization, encode / decode / forward.
+
+Layout (rows of both weight matrices are latents): W_enc [F, d], b_enc [F],
+W_dec [F, d] with unit-norm rows, b_dec [d]. The fast path never builds the [N, F]
+pre-activation matrix for "topk"; the other architectures use the torch reference.
+
+Codes of "relu", "jumprelu" and "batchtopk" have a variable number of active latents
+per token; :meth:`SAE.encode` returns them as a padded :class:`SparseCode` whose width
+is the largest count in the batch (padding slots have value 0), so every architecture
+decodes through the same sparse path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import SAEConfig
+from .ops import _checks
+from .ops.code import SparseCode
+
+BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
+
+
+@dataclass
+class ForwardOutput:
+    """What :meth:`SAE.forward` returns.
+
+    recon: [N, d_in] reconstruction in the raw (un-normalized) input space.
+    code: the sparse code ([N, k]); ``code.aux`` is the AuxK code when computed.
+    fvu: scalar, ||x~ - x^||^2 / ||x~ - mean(x~)||^2 over the batch (normalized space;
+         defined for N >= 2).
+    auxk_loss: scalar AuxK loss ||e - e^||^2 / ||x~ - mean(x~)||^2 (0 without dead latents).
+    loss: fvu + aux_alpha * auxk_loss.
+    """
+
+    recon: torch.Tensor
+    code: SparseCode
+    fvu: torch.Tensor
+    auxk_loss: torch.Tensor
+    loss: torch.Tensor
+
+    @property
+    def l0(self) -> torch.Tensor:
+        """Mean number of active latents per token."""
+        return (self.code.values > 0).sum(1).float().mean()
+
+
+def _compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
+
+
+def _padded_code(act: torch.Tensor) -> SparseCode:
+    """Dense non-negative activations [N, F] -> padded SparseCode (one host sync)."""
+    width = max(int((act > 0).sum(1).max()), 1)
+    values, indices = act.topk(width, dim=1)
+    return SparseCode(values, indices)
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder. ``SAE(cfg)`` initializes; :meth:`load` reads a checkpoint.
+
+    Example::
+
+        sae = SAE(SAEConfig(d_in=768, d_sae=16384, k=32))
+        out = sae(x)                        # x [N, 768]
+        code = sae.encode(x)                # values, indices [N, 32]
+        x_hat = sae.decode(code)            # [N, 768]
+    """
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None, seed: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dtype = cfg.torch_dtype
+        if device is not None and torch.device(device).type == "meta":
+            w_dec = torch.empty(cfg.d_sae, cfg.d_in, device="meta")  # shapes only (checkpoint loading)
+        else:
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen, dtype=torch.float32)
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec.to(device=device, dtype=dtype))
+        # Encoder starts as the decoder's transpose (rows are latents in both).
+        self.W_enc = nn.Parameter(w_dec.clone().to(device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        self.register_buffer("norm_mean", torch.zeros(cfg.d_in, device=device, dtype=torch.float32))
+        self.register_buffer("norm_scale", torch.ones((), device=device, dtype=torch.float32))
+        if cfg.architecture == "jumprelu":
+            init = math.log(cfg.jumprelu_threshold)
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init, device=device, dtype=torch.float32))
+        if cfg.architecture == "batchtopk":
+            # NaN until training has seen a batch; inference then uses batch top-k.
+            self.register_buffer("threshold", torch.full((), float("nan"), device=device, dtype=torch.float32))
+
+    # ----- normalization -------------------------------------------------------------
+    @torch.no_grad()
+    def fit_normalization(self, sample: torch.Tensor) -> None:
+        """Estimate the "mean_norm" statistics from a sample [M, d_in] of activations."""
+        if self.cfg.normalization == "none":
+            return
+        sample = sample.to(device=self.norm_mean.device, dtype=torch.float32)
+        mean = sample.mean(0)
+        scale = (sample - mean).norm(dim=1).mean() / math.sqrt(self.cfg.d_in)
+        self.norm_mean.copy_(mean)
+        self.norm_scale.copy_(scale.clamp_min(torch.finfo(torch.float32).tiny))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalization == "none":
+            return x
+        return ((x.float() - self.norm_mean) / self.norm_scale).to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalization == "none":
+            return x
+        return (x.float() * self.norm_scale + self.norm_mean).to(x.dtype)
+
+    # ----- encode / decode -------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor, check: bool) -> None:
+        _checks.check_matrix("x", x, cols=self.cfg.d_in, what=f"[N, d_in={self.cfg.d_in}]")
+        _checks.check_nonempty("x", x)
+        _checks.check_float("x", x)
+        if x.device != self.W_enc.device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {self.W_enc.device}; "
+                             f"move one of them (x.to({str(self.W_enc.device)!r}) or sae.to(...))")
+        if check:
+            _checks.check_finite("x", x)
+
+    def _weights(self, dtype: torch.dtype):
+        return tuple(p.to(dtype) for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec))
+
+    def _dense_pre(self, xn: torch.Tensor, W_enc, b_enc, b_dec) -> torch.Tensor:
+        return (xn - b_dec) @ W_enc.T + b_enc
+
+    def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str) -> SparseCode:
+        cfg = self.cfg
+        W_enc, b_enc, _, b_dec = self._weights(xn.dtype)
+        if cfg.architecture == "topk":
+            return ops.topk_encode(xn, W_enc, b_enc, cfg.k, b_pre=b_dec, dead_mask=dead_mask,
+                                   k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
+                                   backend=backend, check=False)
+        pre = self._dense_pre(xn, W_enc, b_enc, b_dec)
+        if cfg.architecture == "relu":
+            return _padded_code(torch.relu(pre))
+        if cfg.architecture == "jumprelu":
+            threshold = self.log_threshold.exp().to(pre.dtype)
+            return _padded_code(torch.where(pre > threshold, pre, torch.zeros_like(pre)))
+        code = self._batchtopk(torch.relu(pre))
+        if dead_mask is not None:
+            masked = torch.relu(pre) * dead_mask.to(pre.dtype)
+            code.aux = SparseCode(*masked.topk(cfg.effective_k_aux, dim=1))
+        return code
+
+    def _batchtopk(self, act: torch.Tensor) -> SparseCode:
+        n = act.shape[0]
+        if not self.training and not bool(torch.isnan(self.threshold)):
+            return _padded_code(torch.where(act > self.threshold.to(act.dtype), act, torch.zeros_like(act)))
+        flat = act.reshape(-1)
+        values, positions = flat.topk(min(n * self.cfg.k, flat.numel()))
+        kept = torch.zeros_like(flat).scatter(0, positions, values).reshape(act.shape)
+        if self.training:
+            with torch.no_grad():
+                positive = torch.where(values > 0, values, torch.full_like(values, float("inf")))
+                low = positive.min().float()
+                if bool(torch.isfinite(low)):
+                    old = self.threshold
+                    m = BATCHTOPK_THRESHOLD_MOMENTUM
+                    self.threshold.copy_(torch.where(torch.isnan(old), low, m * old + (1 - m) * low))
+        return _padded_code(kept)
+
+    def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> SparseCode:
+        """x [N, d_in] raw activations -> SparseCode (values, indices [N, k]).
+
+        ``check`` raises on non-finite activations (one host sync).
+        """
+        self._check_input(x, check)
+        xn = self.normalize(x.to(_compute_dtype(self.W_enc.dtype, x.device)))
+        return self._encode_normalized(xn, None, backend)
+
+    def decode(self, code: SparseCode, *, backend: str = "auto") -> torch.Tensor:
+        """SparseCode -> [N, d_in] reconstruction in the raw input space."""
+        dtype = code.values.dtype
+        _, _, W_dec, b_dec = self._weights(dtype)
+        out = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
+                                latent_index=code.latent_index)
+        return self.denormalize(out)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
+                backend: str = "auto", check: bool = True) -> ForwardOutput:
+        """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk)."""
+        self._check_input(x, check)
+        if dead_mask is not None:
+            if self.cfg.architecture not in ("topk", "batchtopk"):
+                raise ValueError(f"dead_mask/AuxK applies to topk and batchtopk SAEs, not {self.cfg.architecture!r}")
+            _checks.check_vector("dead_mask", dead_mask, self.cfg.d_sae)
+            if dead_mask.dtype != torch.bool or dead_mask.device != x.device:
+                raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
+        dtype = _compute_dtype(self.W_enc.dtype, x.device)
+        xn = self.normalize(x.to(dtype))
+        code = self._encode_normalized(xn, dead_mask, backend)
+        _, _, W_dec, b_dec = self._weights(dtype)
+        x_hat = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
+                                  latent_index=code.latent_index, check=False)
+        err = xn.float() - x_hat.float()
+        total_var = (xn.float() - xn.float().mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        fvu = err.pow(2).sum() / total_var
+        auxk = torch.zeros((), device=x.device)
+        if code.aux is not None:
+            e_hat = ops.sparse_decode(code.aux.values, code.aux.indices, W_dec, None, backend=backend,
+                                      latent_index=code.aux.latent_index, check=False)
+            auxk = (err.detach() - e_hat.float()).pow(2).sum() / total_var
+        loss = fvu + self.cfg.aux_alpha * auxk
+        return ForwardOutput(self.denormalize(x_hat.to(x.dtype)), code, fvu, auxk, loss)
+
+    # ----- decoder constraints (used by the trainer) -------------------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Project every decoder row back to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from W_dec.grad the component parallel to each (unit) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    # ----- checkpoints ------------------------------------------------------------------
+    def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
+        """Write ``sae.safetensors`` and ``config.json`` to ``directory`` (atomically each)."""
+        from .checkpoint import save_sae
+
+        return save_sae(self, directory, provenance)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> "SAE":
+        """Read a checkpoint written by :meth:`save`; errors name the file and the field."""
+        from .checkpoint import load_sae
+
+        return load_sae(directory, device)
