@@ -120,7 +120,9 @@ def topk_encode_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     n, d = x.shape
     n_latents = weight.shape[0]
-    k_pad = next_pow2(k)
+    if n == 0:
+        return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
+    k_pad = max(2, next_pow2(k))  # tl.topk needs a candidate width of at least 2
     block_n, block_f, block_d, num_warps = _block_sizes(k_pad)
     block_d = min(block_d, max(16, next_pow2(d)))
     row_blocks = triton.cdiv(n, block_n)

@@ -45,7 +45,7 @@ class SAEConfig:
         for name in ("d_in", "d_sae", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(f"SAEConfig.{name}={value!r} is invalid: it must be a positive int")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"SAEConfig.architecture={self.architecture!r}; choose one of {ARCHITECTURES}")
         if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:

@@ -66,7 +66,7 @@ def train_in_memory(sae: SAE, data: torch.Tensor, *, steps: int, batch_size: int
                 0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
             tokens_since_fired = torch.where(fires > 0, 0, tokens_since_fired + batch_size)
         if step % log_every == 0 or step == steps - 1:
-            metrics = {"step": step, "fvu": float(out.fvu), "auxk": float(out.auxk_loss), "l0": float(out.l0),
+            metrics = {"step": step, "fvu": float(out.fvu.detach()), "auxk": float(out.auxk_loss.detach()), "l0": float(out.l0),
                        "dead": float((tokens_since_fired >= dead_after_tokens).float().mean())}
             history.append(metrics)
             bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.1%}")

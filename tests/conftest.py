@@ -1,0 +1,65 @@
+"""Shared fixtures. Without a GPU, Triton kernels run under the interpreter
+(TRITON_INTERPRET must be set before any @triton.jit function is defined)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU counterpart runs the interpreter")
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where Triton kernels run in this session: the GPU, else the interpreter on CPU."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fill every torch.empty allocation with NaN (floats) or -7 (ints), so a kernel that
+    leaves part of its output unwritten fails loudly."""
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    yield
+
+
+def pre_activations64(x, W_enc, b_enc, b_pre=None, latent_mask=None):
+    """relu((x - b_pre) W_enc^T + b_enc) in float64: the formula every encoder must meet."""
+    x64 = x.double() - (b_pre.double() if b_pre is not None else 0.0)
+    pre = torch.relu(x64 @ W_enc.double().T + b_enc.double())
+    if latent_mask is not None:
+        pre = pre * latent_mask.double()
+    return pre
+
+
+def assert_valid_topk(values, indices, pre64, k, tol):
+    """values/indices [N, k] are a correct top-k of pre64 [N, F] up to ``tol``:
+    indices distinct per row; each value equals pre64 at its index; rows sorted
+    descending; and nothing left out beats the chosen k-th value by more than tol
+    (so an index may differ from another top-k only where values tie within tol)."""
+    n, f = pre64.shape
+    assert values.shape == indices.shape == (n, k)
+    assert indices.dtype == torch.int64
+    assert torch.isfinite(values.float()).all(), "non-finite values (unwritten output?)"
+    assert int(indices.min()) >= 0 and int(indices.max()) < f, "indices out of range"
+    assert (indices.sort(1).values.diff(dim=1) != 0).all(), "repeated latent in a row"
+    at_chosen = pre64.gather(1, indices.cpu() if pre64.device.type == "cpu" else indices)
+    torch.testing.assert_close(values.double().cpu(), at_chosen.cpu(), atol=tol, rtol=tol)
+    assert (values.double().diff(dim=1) <= tol).all(), "values not sorted descending"
+    true_kth = pre64.topk(k, dim=1).values[:, -1]
+    assert (at_chosen[:, -1] >= true_kth - tol).all(), "a larger activation was left out"
