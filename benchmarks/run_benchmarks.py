@@ -1,0 +1,201 @@
+"""Kernel benchmarks side by side with the baselines, stamped with GPU, versions and date.
+
+    python benchmarks/run_benchmarks.py                 # the issue grid (needs a GPU)
+    python benchmarks/run_benchmarks.py --smoke         # tiny shapes; runs on CPU too
+
+Per (N, F) at d=1024, k=32, bf16 compute: the bf16 GEMM x W_enc^T alone; encode (no
+grad) for saeengine's Triton kernel, the torch reference and sparsify when installed;
+forward + backward with AuxK (10% dead latents); peak memory; sparse decode bandwidth
+for each backend. Medians of triton.testing.do_bench (CUDA events, after warm-up).
+Writes benchmarks/results/<date>-<gpu>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import saeengine
+from saeengine import SAE, SAEConfig, ops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for i in range(6):  # CPU smoke mode: host clock is fine (synchronous work)
+        start = time.perf_counter()
+        fn()
+        if i:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_gb(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def sparsify_coder(d: int, f: int, k: int, device):
+    try:
+        from sparsify.sparse_coder import SparseCoder, SparseCoderConfig
+    except Exception:  # not installed: the column stays empty
+        return None
+    return SparseCoder(d, SparseCoderConfig(num_latents=f, k=k), device=device)
+
+
+def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
+    x = torch.randn(n, d, device=device, dtype=dtype)
+    sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device=device, seed=0)
+    W, b = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
+    row: dict = {"N": n, "F": f, "d": d, "k": k, "dtype": str(dtype).removeprefix("torch.")}
+    row["gemm_ms"] = bench_ms(lambda: x @ W.T, device)
+    row["gemm_tflops"] = 2 * n * f * d / row["gemm_ms"] / 1e9
+    with torch.no_grad():
+        row["encode_torch_ms"] = bench_ms(lambda: ops.topk_encode(x, W, b, k, backend="torch", check=False), device)
+        if device.type == "cuda":
+            row["encode_triton_ms"] = bench_ms(lambda: ops.topk_encode(x, W, b, k, backend="triton", check=False), device)
+            row["encode_over_gemm"] = row["encode_triton_ms"] / row["gemm_ms"]
+    coder = sparsify_coder(d, f, k, device)
+    if coder is not None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            row["encode_sparsify_ms"] = bench_ms(lambda: coder.encode(x.float()), device)
+
+    # Forward + backward with AuxK over 10% dead latents, bf16 autocast, no optimizer step.
+    dead = torch.rand(f, device=device) < 0.1
+    xf = x.float()
+
+    def step(backend):
+        def run():
+            sae.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = sae(xf, dead_mask=dead, backend=backend, check=False)
+            out.loss.backward()
+        return run
+
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    for backend in backends:
+        try:
+            row[f"fwd_bwd_{backend}_ms"] = bench_ms(step(backend), device)
+            row[f"peak_gb_{backend}"] = peak_gb(step(backend), device)
+        except torch.OutOfMemoryError:
+            row[f"fwd_bwd_{backend}_ms"] = "OOM"
+            torch.cuda.empty_cache()
+    if coder is not None:
+        def sparsify_step():
+            coder.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = coder(xf, dead_mask=dead)
+            (out.fvu + out.auxk_loss / 32).backward()
+        try:
+            row["fwd_bwd_sparsify_ms"] = bench_ms(sparsify_step, device)
+            row["peak_gb_sparsify"] = peak_gb(sparsify_step, device)
+        except torch.OutOfMemoryError:
+            row["fwd_bwd_sparsify_ms"] = "OOM"
+            torch.cuda.empty_cache()
+    return row
+
+
+def decode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: torch.dtype,
+                copy_gbps: float | None) -> dict:
+    values = torch.rand(n, k, device=device, dtype=dtype)
+    indices = torch.randint(0, f, (n, k), device=device)
+    W = torch.randn(f, d, device=device, dtype=dtype)
+    row: dict = {"N": n, "F": f, "d": d, "k": k, "dtype": str(dtype).removeprefix("torch.")}
+    gathered_bytes = n * k * d * W.element_size()
+    for backend in saeengine.available_backends("sparse_decode", device):
+        ms = bench_ms(lambda: ops.sparse_decode(values, indices, W, backend=backend, check=False), device)
+        row[f"decode_{backend}_ms"] = ms
+        row[f"decode_{backend}_gbps"] = gathered_bytes / ms / 1e6
+        if copy_gbps:
+            row[f"decode_{backend}_of_copy_bw"] = row[f"decode_{backend}_gbps"] / copy_gbps
+    return row
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float | None:
+    """Measured device-to-device copy, bytes read + written (the memory roofline)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / ms / 1e6
+
+
+def stamp(device: torch.device) -> dict:
+    import triton
+
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "saeengine": saeengine.__version__, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda)
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine())
+    return info
+
+
+def print_table(rows: list[dict], keys: list[str]) -> None:
+    print(" | ".join(keys))
+    for row in rows:
+        cells = []
+        for key in keys:
+            v = row.get(key, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print(" | ".join(cells))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device); results are not written")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<date>-<gpu>.json)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("run_benchmarks.py: no GPU visible; the benchmark grid needs one (use --smoke to check the script)",
+              file=sys.stderr)
+        return 2
+    d, k = (64, 8) if args.smoke else (1024, 32)
+    grid = [(256, 2**10)] if args.smoke else [(4096, 2**16), (4096, 2**18), (4096, 2**20),
+                                              (16384, 2**16), (16384, 2**18), (16384, 2**20)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    meta = stamp(device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    meta["copy_gbps"] = copy_gbps
+    encode = [encode_rows(n, f, d, k, device, dtype) for n, f in grid]
+    decode = [decode_rows(n, f, d, k, device, dtype, copy_gbps) for n, f in grid[:2]]
+    print(json.dumps(meta))
+    print_table(encode, ["N", "F", "gemm_ms", "encode_triton_ms", "encode_over_gemm", "encode_torch_ms",
+                         "encode_sparsify_ms", "fwd_bwd_triton_ms", "fwd_bwd_sparsify_ms", "fwd_bwd_torch_ms",
+                         "peak_gb_triton", "peak_gb_sparsify"])
+    print_table(decode, ["N", "F"] + [key for key in decode[0] if key.startswith("decode_")])
+    if not args.smoke:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        gpu = (meta.get("gpu") or "cpu").replace(" ", "-")
+        path = args.out or RESULTS / f"{meta['date'][:10]}-{gpu}.json"
+        path.write_text(json.dumps({"meta": meta, "encode": encode, "decode": decode}, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
