@@ -132,15 +132,16 @@ class SAE(nn.Module):
         if check:
             _checks.check_finite("x", x)
 
-    def _weights(self, dtype: torch.dtype):
-        return tuple(p.to(dtype) for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec))
+    def _cast(self, dtype: torch.dtype, *names: str):
+        """The named parameters in the compute dtype (a no-op without autocast)."""
+        return tuple(getattr(self, name).to(dtype) for name in names)
 
     def _dense_pre(self, xn: torch.Tensor, W_enc, b_enc, b_dec) -> torch.Tensor:
         return (xn - b_dec) @ W_enc.T + b_enc
 
     def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str) -> SparseCode:
         cfg = self.cfg
-        W_enc, b_enc, _, b_dec = self._weights(xn.dtype)
+        W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
         if cfg.architecture == "topk":
             return ops.topk_encode(xn, W_enc, b_enc, cfg.k, b_pre=b_dec, dead_mask=dead_mask,
                                    k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
@@ -185,8 +186,7 @@ class SAE(nn.Module):
 
     def decode(self, code: SparseCode, *, backend: str = "auto") -> torch.Tensor:
         """SparseCode -> [N, d_in] reconstruction in the raw input space."""
-        dtype = code.values.dtype
-        _, _, W_dec, b_dec = self._weights(dtype)
+        W_dec, b_dec = self._cast(code.values.dtype, "W_dec", "b_dec")
         out = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
                                 latent_index=code.latent_index)
         return self.denormalize(out)
@@ -204,7 +204,7 @@ class SAE(nn.Module):
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
         code = self._encode_normalized(xn, dead_mask, backend)
-        _, _, W_dec, b_dec = self._weights(dtype)
+        W_dec, b_dec = self._cast(dtype, "W_dec", "b_dec")
         x_hat = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
                                   latent_index=code.latent_index, check=False)
         err = xn.float() - x_hat.float()

@@ -50,8 +50,7 @@ class SparseDecodeTriton(torch.autograd.Function):
     def forward(ctx, values, indices, W_dec, b_dec, latent_index):
         from saeengine.kernels.sparse_decode import sparse_decode_forward
 
-        ctx.save_for_backward(values, indices, W_dec)
-        ctx.latent_index = latent_index
+        ctx.save_for_backward(values, indices, W_dec, *(latent_index or ()))
         ctx.has_bias = b_dec is not None
         ctx.mark_non_differentiable(indices)
         return sparse_decode_forward(values, indices, W_dec, b_dec)
@@ -61,12 +60,12 @@ class SparseDecodeTriton(torch.autograd.Function):
         from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
         from saeengine.kernels.sparse_decode import sparse_decode_grad_values
 
-        values, indices, W_dec = ctx.saved_tensors
+        values, indices, W_dec, *index = ctx.saved_tensors
         grad_values = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_values = sparse_decode_grad_values(grad_out, indices, W_dec, out_dtype=values.dtype)
         if ctx.needs_input_grad[2]:
-            index = ctx.latent_index if ctx.latent_index is not None else build_latent_index(indices)
+            index = LatentIndex(*index) if index else build_latent_index(indices)
             grad_W, _ = latent_weighted_rowsum(index, values, grad_out, indices.shape[1], W_dec.shape[0],
                                                out_dtype=W_dec.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
