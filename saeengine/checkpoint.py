@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import SAEConfig
 
@@ -100,11 +100,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-        return load_file(str(path)), metadata
+            return {name: fh.get_tensor(name) for name in fh.keys()}, fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable ({err}); the file is truncated or corrupted") from err
 

@@ -136,9 +136,6 @@ class SAE(nn.Module):
         """The named parameters in the compute dtype (a no-op without autocast)."""
         return tuple(getattr(self, name).to(dtype) for name in names)
 
-    def _dense_pre(self, xn: torch.Tensor, W_enc, b_enc, b_dec) -> torch.Tensor:
-        return (xn - b_dec) @ W_enc.T + b_enc
-
     def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str) -> SparseCode:
         cfg = self.cfg
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
@@ -146,16 +143,16 @@ class SAE(nn.Module):
             return ops.topk_encode(xn, W_enc, b_enc, cfg.k, b_pre=b_dec, dead_mask=dead_mask,
                                    k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
                                    backend=backend, check=False)
-        pre = self._dense_pre(xn, W_enc, b_enc, b_dec)
+        pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
         if cfg.architecture == "relu":
             return _padded_code(torch.relu(pre))
         if cfg.architecture == "jumprelu":
             threshold = self.log_threshold.exp().to(pre.dtype)
             return _padded_code(torch.where(pre > threshold, pre, torch.zeros_like(pre)))
-        code = self._batchtopk(torch.relu(pre))
+        act = torch.relu(pre)
+        code = self._batchtopk(act)
         if dead_mask is not None:
-            masked = torch.relu(pre) * dead_mask.to(pre.dtype)
-            code.aux = SparseCode(*masked.topk(cfg.effective_k_aux, dim=1))
+            code.aux = SparseCode(*(act * dead_mask.to(act.dtype)).topk(cfg.effective_k_aux, dim=1))
         return code
 
     def _batchtopk(self, act: torch.Tensor) -> SparseCode:
@@ -166,13 +163,12 @@ class SAE(nn.Module):
         values, positions = flat.topk(min(n * self.cfg.k, flat.numel()))
         kept = torch.zeros_like(flat).scatter(0, positions, values).reshape(act.shape)
         if self.training:
-            with torch.no_grad():
+            with torch.no_grad():  # EMA of the smallest kept activation, with no host sync
                 positive = torch.where(values > 0, values, torch.full_like(values, float("inf")))
-                low = positive.min().float()
-                if bool(torch.isfinite(low)):
-                    old = self.threshold
-                    m = BATCHTOPK_THRESHOLD_MOMENTUM
-                    self.threshold.copy_(torch.where(torch.isnan(old), low, m * old + (1 - m) * low))
+                low, old = positive.min().float(), self.threshold
+                m = BATCHTOPK_THRESHOLD_MOMENTUM
+                updated = torch.where(torch.isnan(old), low, m * old + (1 - m) * low)
+                self.threshold.copy_(torch.where(torch.isfinite(low), updated, old))
         return _padded_code(kept)
 
     def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> SparseCode:
@@ -207,8 +203,9 @@ class SAE(nn.Module):
         W_dec, b_dec = self._cast(dtype, "W_dec", "b_dec")
         x_hat = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
                                   latent_index=code.latent_index, check=False)
-        err = xn.float() - x_hat.float()
-        total_var = (xn.float() - xn.float().mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        xn32 = xn.float()
+        err = xn32 - x_hat.float()
+        total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
         fvu = err.pow(2).sum() / total_var
         auxk = torch.zeros((), device=x.device)
         if code.aux is not None:

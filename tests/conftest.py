@@ -58,8 +58,9 @@ def assert_valid_topk(values, indices, pre64, k, tol):
     assert torch.isfinite(values.float()).all(), "non-finite values (unwritten output?)"
     assert int(indices.min()) >= 0 and int(indices.max()) < f, "indices out of range"
     assert (indices.sort(1).values.diff(dim=1) != 0).all(), "repeated latent in a row"
-    at_chosen = pre64.gather(1, indices.cpu() if pre64.device.type == "cpu" else indices)
-    torch.testing.assert_close(values.double().cpu(), at_chosen.cpu(), atol=tol, rtol=tol)
-    assert (values.double().diff(dim=1) <= tol).all(), "values not sorted descending"
+    values, indices, pre64 = values.double().cpu(), indices.cpu(), pre64.cpu()
+    at_chosen = pre64.gather(1, indices)
+    torch.testing.assert_close(values, at_chosen, atol=tol, rtol=tol)
+    assert (values.diff(dim=1) <= tol).all(), "values not sorted descending"
     true_kth = pre64.topk(k, dim=1).values[:, -1]
     assert (at_chosen[:, -1] >= true_kth - tol).all(), "a larger activation was left out"

@@ -48,7 +48,6 @@ def test_cuda_sparse_decode_matches_reference(dtype, n, k, d, f):
     indices = torch.randint(0, f, (n, k), device="cuda")
     W = torch.randn(f, d, device="cuda").to(dtype)
     b = torch.randn(d, device="cuda").to(dtype)
-    out = torch.full((n, d), float("nan"), device="cuda", dtype=dtype)
     out = ops.sparse_decode(values, indices, W, b, backend="cuda")
     ref = ops.sparse_decode_ref(values.double(), indices, W.double(), b.double())
     low = ops.sparse_decode_ref(values, indices, W, b)  # torch in the same dtype

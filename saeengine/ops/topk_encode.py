@@ -14,7 +14,7 @@ from saeengine.backends import resolve_backend
 
 from . import _checks
 from .code import SparseCode
-from .latent_index import build_latent_index
+from .latent_index import LatentIndex, build_latent_index
 
 
 def topk_encode_ref(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
@@ -55,7 +55,6 @@ class TopKEncodeTriton(torch.autograd.Function):
     def backward(ctx, grad_values, *unused):
         from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
         from saeengine.kernels.sparse_decode import sparse_decode_forward
-        from .latent_index import LatentIndex
 
         x_centered, W_enc, values, indices, *index = ctx.saved_tensors
         # ReLU: only pairs with a positive activation pass gradient.
@@ -74,7 +73,6 @@ class TopKEncodeTriton(torch.autograd.Function):
 
 def _encode_triton(x, W_enc, b_enc, k, b_pre, latent_mask) -> SparseCode:
     from saeengine.kernels.topk_encode import topk_encode_forward
-    from .latent_index import LatentIndex
 
     x_centered = x - b_pre if b_pre is not None else x
     tracked = (x_centered, W_enc, b_enc)
