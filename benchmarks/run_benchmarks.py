@@ -54,12 +54,66 @@ def peak_gb(fn, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9
 
 
-def sparsify_coder(d: int, f: int, k: int, device):
+def _import_sparse_coder():
+    """sparsify's SparseCoder classes, or None when sparsify is not installed.
+
+    sparsify/__init__.py also imports its trainer (datasets, schedulefree, ...), which a
+    benchmark machine may lack; the sparse coder itself needs none of that, so when the
+    package import fails its modules are loaded under an empty package instead."""
+    import importlib.util
+    import types
+
     try:
         from sparsify.sparse_coder import SparseCoder, SparseCoderConfig
-    except Exception:  # not installed: the column stays empty
+        return SparseCoder, SparseCoderConfig
+    except ImportError:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+    for name in [m for m in sys.modules if m == "sparsify" or m.startswith("sparsify.")]:
+        del sys.modules[name]
+    package = types.ModuleType("sparsify")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["sparsify"] = package
+    from sparsify.sparse_coder import SparseCoder, SparseCoderConfig
+    return SparseCoder, SparseCoderConfig
+
+
+def sparsify_coder(d: int, f: int, k: int, device):
+    try:
+        classes = _import_sparse_coder()
+    except Exception as exc:  # noqa: BLE001 - a broken install leaves the column empty, said once
+        print(f"sparsify could not be imported: {type(exc).__name__}: {exc}", file=sys.stderr)
+        classes = None
+    if classes is None:  # not installed: the column stays empty
         return None
-    return SparseCoder(d, SparseCoderConfig(num_latents=f, k=k), device=device)
+    SparseCoder, SparseCoderConfig = classes
+    try:
+        return SparseCoder(d, SparseCoderConfig(num_latents=f, k=k), device=device)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def sparsify_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("eai-sparsify")
+    except PackageNotFoundError:
+        return None
+
+
+def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str | None = None) -> None:
+    """row[key] = median ms of fn (and row[memory_key] = its peak GB); "OOM" when it does not fit."""
+    try:
+        row[key] = bench_ms(fn, device)
+        if memory_key:
+            row[memory_key] = peak_gb(fn, device)
+    except torch.OutOfMemoryError:
+        row[key] = "OOM"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -67,21 +121,28 @@ def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
     sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device=device, seed=0)
     W, b = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
     row: dict = {"N": n, "F": f, "d": d, "k": k, "dtype": str(dtype).removeprefix("torch.")}
-    row["gemm_ms"] = bench_ms(lambda: x @ W.T, device)
-    row["gemm_tflops"] = 2 * n * f * d / row["gemm_ms"] / 1e9
+    measure_into(row, "gemm_ms", lambda: x @ W.T, device)
+    if isinstance(row["gemm_ms"], float):
+        row["gemm_tflops"] = 2 * n * f * d / row["gemm_ms"] / 1e9
     with torch.no_grad():
-        row["encode_torch_ms"] = bench_ms(lambda: ops.topk_encode(x, W, b, k, backend="torch", check=False), device)
+        measure_into(row, "encode_torch_ms", lambda: ops.topk_encode(x, W, b, k, backend="torch", check=False),
+                     device)
         if device.type == "cuda":
-            row["encode_triton_ms"] = bench_ms(lambda: ops.topk_encode(x, W, b, k, backend="triton", check=False), device)
-            row["encode_over_gemm"] = row["encode_triton_ms"] / row["gemm_ms"]
+            measure_into(row, "encode_triton_ms",
+                         lambda: ops.topk_encode(x, W, b, k, backend="triton", check=False), device)
+            if isinstance(row.get("encode_triton_ms"), float) and isinstance(row.get("gemm_ms"), float):
+                row["encode_over_gemm"] = row["encode_triton_ms"] / row["gemm_ms"]
     coder = sparsify_coder(d, f, k, device)
     if coder is not None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            row["encode_sparsify_ms"] = bench_ms(lambda: coder.encode(x.float()), device)
+        def sparsify_encode():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                coder.encode(x.float())
+        measure_into(row, "encode_sparsify_ms", sparsify_encode, device)
 
     # Forward + backward with AuxK over 10% dead latents, bf16 autocast, no optimizer step.
     dead = torch.rand(f, device=device) < 0.1
     xf = x.float()
+    del W, b
 
     def step(backend):
         def run():
@@ -91,26 +152,23 @@ def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
             out.loss.backward()
         return run
 
-    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
-    for backend in backends:
-        try:
-            row[f"fwd_bwd_{backend}_ms"] = bench_ms(step(backend), device)
-            row[f"peak_gb_{backend}"] = peak_gb(step(backend), device)
-        except torch.OutOfMemoryError:
-            row[f"fwd_bwd_{backend}_ms"] = "OOM"
-            torch.cuda.empty_cache()
+    for backend in ["torch"] + (["triton"] if device.type == "cuda" else []):
+        measure_into(row, f"fwd_bwd_{backend}_ms", step(backend), device, f"peak_gb_{backend}")
+        sae.zero_grad(set_to_none=True)
     if coder is not None:
         def sparsify_step():
             coder.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = coder(xf, dead_mask=dead)
+            out = coder(xf, dead_mask=dead)  # its forward runs under bf16 autocast itself
             (out.fvu + out.auxk_loss / 32).backward()
-        try:
-            row["fwd_bwd_sparsify_ms"] = bench_ms(sparsify_step, device)
-            row["peak_gb_sparsify"] = peak_gb(sparsify_step, device)
-        except torch.OutOfMemoryError:
-            row["fwd_bwd_sparsify_ms"] = "OOM"
-            torch.cuda.empty_cache()
+        measure_into(row, "fwd_bwd_sparsify_ms", sparsify_step, device, "peak_gb_sparsify")
+        coder.zero_grad(set_to_none=True)
+        del coder
+    for other in ("sparsify", "torch"):
+        ours, theirs = row.get("fwd_bwd_triton_ms"), row.get(f"fwd_bwd_{other}_ms")
+        if isinstance(ours, float) and isinstance(theirs, float):
+            row[f"fwd_bwd_speedup_vs_{other}"] = theirs / ours
+    if isinstance(row.get("encode_triton_ms"), float) and isinstance(row.get("encode_sparsify_ms"), float):
+        row["encode_speedup_vs_sparsify"] = row["encode_sparsify_ms"] / row["encode_triton_ms"]
     return row
 
 
@@ -130,6 +188,16 @@ def decode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
     return row
 
 
+def guarded(measure, n: int, f: int, *args) -> dict:
+    """One grid row; an unexpected failure is recorded in the row instead of ending the run."""
+    try:
+        return measure(n, f, *args)
+    except Exception as exc:  # noqa: BLE001 - the table must still come out
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"N": n, "F": f, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def copy_bandwidth_gbps(device: torch.device) -> float | None:
     """Measured device-to-device copy, bytes read + written (the memory roofline)."""
     if device.type != "cuda":
@@ -145,7 +213,7 @@ def stamp(device: torch.device) -> dict:
 
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "saeengine": saeengine.__version__, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "device": str(device)}
+            "python": platform.python_version(), "device": str(device), "sparsify": sparsify_version()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda)
@@ -168,6 +236,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device); results are not written")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<date>-<gpu>.json)")
+    parser.add_argument("--shapes", default=None, help="comma-separated NxF (default: the issue grid)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -177,12 +246,18 @@ def main(argv=None) -> int:
     d, k = (64, 8) if args.smoke else (1024, 32)
     grid = [(256, 2**10)] if args.smoke else [(4096, 2**16), (4096, 2**18), (4096, 2**20),
                                               (16384, 2**16), (16384, 2**18), (16384, 2**20)]
+    if args.shapes:
+        grid = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta = stamp(device)
     copy_gbps = copy_bandwidth_gbps(device)
     meta["copy_gbps"] = copy_gbps
-    encode = [encode_rows(n, f, d, k, device, dtype) for n, f in grid]
-    decode = [decode_rows(n, f, d, k, device, dtype, copy_gbps) for n, f in grid[:2]]
+    encode, decode = [], []
+    for n, f in grid:
+        encode.append(guarded(encode_rows, n, f, d, k, device, dtype))
+        print(json.dumps(encode[-1]), flush=True)
+    for n, f in grid[:2]:
+        decode.append(guarded(decode_rows, n, f, d, k, device, dtype, copy_gbps))
     print(json.dumps(meta))
     print_table(encode, ["N", "F", "gemm_ms", "encode_triton_ms", "encode_over_gemm", "encode_torch_ms",
                          "encode_sparsify_ms", "fwd_bwd_triton_ms", "fwd_bwd_sparsify_ms", "fwd_bwd_torch_ms",

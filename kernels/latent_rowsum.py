@@ -8,6 +8,9 @@ out[f] = sum over pairs p of latent f of coef[p] * rows[p // k]   (and sums[f] =
 
 Each latent's segment (from saeengine.ops.latent_index) is summed by one program in a
 fixed order, so the result is bitwise repeatable; latents that never fired keep a zero row.
+The grid is persistent: a fixed number of programs walks the distinct latents, whose count
+is read on the device, so the launch does not scale with the number of pairs (AuxK has
+N * k_aux of them) and the host never syncs.
 """
 
 from __future__ import annotations
@@ -16,18 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
+from ._common import interpreting, next_pow2, target_programs
 
 
 @triton.jit
 def _latent_rowsum_kernel(
-    order_ptr, unique_ptr, starts_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
+    order_ptr, unique_ptr, starts_ptr, n_unique_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
     k, d, stride_rn, stride_of,
     HAS_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    slot = tl.program_id(0)
-    latent = tl.load(unique_ptr + slot)
-    if latent >= 0:  # slots past the number of distinct latents hold -1
+    n_unique = tl.load(n_unique_ptr)
+    for slot in range(tl.program_id(0), n_unique, tl.num_programs(0)):
+        latent = tl.load(unique_ptr + slot)
         start = tl.load(starts_ptr + slot)
         end = tl.load(starts_ptr + slot + 1)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -62,9 +65,10 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
     if n_pairs == 0:
         return out, sums
     block_d = min(next_pow2(d), 64 if interpreting() else 256)
-    grid = (n_pairs, triton.cdiv(d, block_d))
-    _latent_rowsum_kernel[grid](
-        index.order, index.unique_latents, index.segment_starts, coef, rows, out,
+    col_blocks = triton.cdiv(d, block_d)
+    programs = max(1, min(n_pairs, n_latents, 4 * target_programs(rows.device) // col_blocks))
+    _latent_rowsum_kernel[(programs, col_blocks)](
+        index.order, index.unique_latents, index.segment_starts, index.n_unique, coef, rows, out,
         sums if sums is not None else out,
         k, d, rows.stride(0), out.stride(0),
         HAS_SUMS=with_sums, BLOCK_P=16, BLOCK_D=block_d,

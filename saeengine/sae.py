@@ -138,11 +138,11 @@ class SAE(nn.Module):
 
     def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str) -> SparseCode:
         cfg = self.cfg
-        W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
-        if cfg.architecture == "topk":
-            return ops.topk_encode(xn, W_enc, b_enc, cfg.k, b_pre=b_dec, dead_mask=dead_mask,
+        if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
+            return ops.topk_encode(xn, self.W_enc, self.b_enc, cfg.k, b_pre=self.b_dec, dead_mask=dead_mask,
                                    k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
                                    backend=backend, check=False)
+        W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
         pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
         if cfg.architecture == "relu":
             return _padded_code(torch.relu(pre))
@@ -151,8 +151,10 @@ class SAE(nn.Module):
             return _padded_code(torch.where(pre > threshold, pre, torch.zeros_like(pre)))
         act = torch.relu(pre)
         code = self._batchtopk(act)
-        if dead_mask is not None:
-            code.aux = SparseCode(*(act * dead_mask.to(act.dtype)).topk(cfg.effective_k_aux, dim=1))
+        dead, k_dead = ops.dead_latent_list(dead_mask, cfg.effective_k_aux)
+        if dead is not None:
+            values, positions = act[:, dead].topk(k_dead, dim=1)
+            code.aux = SparseCode(values, dead[positions])
         return code
 
     def _batchtopk(self, act: torch.Tensor) -> SparseCode:
@@ -182,8 +184,7 @@ class SAE(nn.Module):
 
     def decode(self, code: SparseCode, *, backend: str = "auto") -> torch.Tensor:
         """SparseCode -> [N, d_in] reconstruction in the raw input space."""
-        W_dec, b_dec = self._cast(code.values.dtype, "W_dec", "b_dec")
-        out = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
+        out = ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec, backend=backend,
                                 latent_index=code.latent_index)
         return self.denormalize(out)
 
@@ -200,18 +201,21 @@ class SAE(nn.Module):
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
         code = self._encode_normalized(xn, dead_mask, backend)
-        W_dec, b_dec = self._cast(dtype, "W_dec", "b_dec")
-        x_hat = ops.sparse_decode(code.values, code.indices, W_dec, b_dec, backend=backend,
-                                  latent_index=code.latent_index, check=False)
+        W_dec_c = ops.compute_copy(self.W_dec, code.values.dtype)  # shared by both decodes
+        x_hat = ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec, backend=backend,
+                                  latent_index=code.latent_index, weight_compute=W_dec_c, check=False)
         xn32 = xn.float()
         err = xn32 - x_hat.float()
         total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
         fvu = err.pow(2).sum() / total_var
         auxk = torch.zeros((), device=x.device)
         if code.aux is not None:
-            e_hat = ops.sparse_decode(code.aux.values, code.aux.indices, W_dec, None, backend=backend,
-                                      latent_index=code.aux.latent_index, check=False)
-            auxk = (err.detach() - e_hat.float()).pow(2).sum() / total_var
+            e_hat = ops.sparse_decode(code.aux.values, code.aux.indices, self.W_dec, None, backend=backend,
+                                      latent_index=code.aux.latent_index, weight_compute=W_dec_c, check=False)
+            # Scaled by min(#dead / k_aux, 1) (the aux width over k_aux): a handful of dead
+            # latents should not carry the full weight of the loss.
+            scale = code.aux.values.shape[1] / self.cfg.effective_k_aux
+            auxk = scale * (err.detach() - e_hat.float()).pow(2).sum() / total_var
         loss = fvu + self.cfg.aux_alpha * auxk
         return ForwardOutput(self.denormalize(x_hat.to(x.dtype)), code, fvu, auxk, loss)
 

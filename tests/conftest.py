@@ -38,13 +38,10 @@ def poison_empty(monkeypatch):
     yield
 
 
-def pre_activations64(x, W_enc, b_enc, b_pre=None, latent_mask=None):
+def pre_activations64(x, W_enc, b_enc, b_pre=None):
     """relu((x - b_pre) W_enc^T + b_enc) in float64: the formula every encoder must meet."""
     x64 = x.double() - (b_pre.double() if b_pre is not None else 0.0)
-    pre = torch.relu(x64 @ W_enc.double().T + b_enc.double())
-    if latent_mask is not None:
-        pre = pre * latent_mask.double()
-    return pre
+    return torch.relu(x64 @ W_enc.double().T + b_enc.double())
 
 
 def assert_valid_topk(values, indices, pre64, k, tol):

@@ -39,12 +39,12 @@ def test_non_finite_activations_raise_by_default(sae, bad):
 
 def test_mixed_devices_and_dtypes():
     x, W, b = torch.randn(3, 16), torch.randn(32, 16), torch.zeros(32)
-    with pytest.raises(TypeError, match="mixed dtypes"):
+    with pytest.raises(TypeError, match=r"W_enc is torch.float64 but x is torch.float32.*float32 \(master weights\)"):
         ops.topk_encode(x, W.double(), b, 4)
     with pytest.raises(ValueError, match="different devices"):
         ops.topk_encode(x, W.to("meta"), b, 4)
-    with pytest.raises(TypeError, match="mixed dtypes"):
-        ops.sparse_decode(torch.rand(3, 4).half(), torch.zeros(3, 4, dtype=torch.long), W)
+    with pytest.raises(TypeError, match="W_dec is torch.float16 but values is torch.bfloat16"):
+        ops.sparse_decode(torch.rand(3, 4).bfloat16(), torch.zeros(3, 4, dtype=torch.long), W.half())
 
 
 def test_sae_rejects_input_on_another_device(sae):

@@ -68,21 +68,27 @@ def test_forward_fvu_and_recon_match_formula(normalization):
         assert abs(float(sae.normalize(x).norm(dim=1).mean()) - 72**0.5) < 1e-3
 
 
-def test_auxk_matches_formula():
+@pytest.mark.parametrize("n_dead", [20, 3])
+def test_auxk_matches_formula(n_dead):
+    """AuxK = min(#dead/k_aux, 1) * |e - e_hat|^2 / var, e_hat decoded from the top
+    min(k_aux, #dead) pre-activations among dead latents only."""
     torch.manual_seed(1)
-    sae = make_sae(24, 64, 4, k_aux=6, aux_alpha=0.25)
+    k_aux = 6
+    sae = make_sae(24, 64, 4, k_aux=k_aux, aux_alpha=0.25)
     x = torch.randn(50, 24)
     dead = torch.zeros(64, dtype=torch.bool)
-    dead[torch.randperm(64)[:20]] = True
+    dead[torch.randperm(64)[:n_dead]] = True
     out = sae(x, dead_mask=dead, backend="torch")
     pre = pre_activations64(x, sae.W_enc, sae.b_enc, b_pre=sae.b_dec)
     v, i = pre.topk(4, dim=1)
     e = x.double() - decode64(v, i, sae.W_dec, sae.b_dec)
-    va, ia = (pre * dead.double()).topk(6, dim=1)
-    assert bool(dead[ia[va > 0]].all())  # the aux code uses dead latents only
+    dead_ids = torch.nonzero(dead).squeeze(1)
+    va, pos = pre[:, dead_ids].topk(min(k_aux, n_dead), dim=1)
+    ia = dead_ids[pos]
+    assert torch.equal(out.code.aux.indices.sort(1).values, ia.sort(1).values)
     e_hat = decode64(va, ia, sae.W_dec)
     var = ((x.double() - x.double().mean(0)) ** 2).sum()
-    aux = ((e - e_hat) ** 2).sum() / var
+    aux = min(n_dead / k_aux, 1.0) * ((e - e_hat) ** 2).sum() / var
     torch.testing.assert_close(out.auxk_loss.double(), aux, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(out.loss, out.fvu + 0.25 * out.auxk_loss)
     # The AuxK gradient reaches the encoder rows of dead latents (the main loss cannot).

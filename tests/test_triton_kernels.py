@@ -8,7 +8,7 @@ import torch
 from saeengine import SAE, SAEConfig, ops
 from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
 from saeengine.kernels.sparse_decode import sparse_decode_forward, sparse_decode_grad_values
-from saeengine.kernels.topk_encode import topk_encode_forward
+from saeengine.kernels.topk_encode import EncodeTiling, topk_encode_forward
 from saeengine.ops.latent_index import build_latent_index, latent_weighted_rowsum_ref
 
 from conftest import assert_valid_topk, pre_activations64, requires_gpu
@@ -21,34 +21,36 @@ ENCODE_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("method", ["filter", "tilemerge"])
 @pytest.mark.parametrize("n,d,f,k,splits", ENCODE_SHAPES)
-def test_topk_encode_kernel_is_exact_topk(kernel_device, poison_empty, n, d, f, k, splits):
+def test_topk_encode_kernel_is_exact_topk(kernel_device, poison_empty, n, d, f, k, splits, method):
     gen = torch.Generator().manual_seed(n * 1000 + f)
     x = torch.randn(n, d, generator=gen).to(kernel_device)
     W = torch.randn(f, d, generator=gen).to(kernel_device)
     b = (0.1 * torch.randn(f, generator=gen)).to(kernel_device)
-    values, indices = topk_encode_forward(x, W, b, k, splits=splits)
+    tiling = EncodeTiling(16, 32, 32, 4, 1, method) if kernel_device.type == "cpu" else EncodeTiling(method=method)
+    values, indices = topk_encode_forward(x, W, b, k, splits=splits, tiling=tiling)
     assert_valid_topk(values.cpu(), indices.cpu(), pre_activations64(x.cpu(), W.cpu(), b.cpu()), k, tol=1e-4)
 
 
-def test_topk_encode_kernel_mask_and_ties(kernel_device, poison_empty):
-    """Only masked-in latents are chosen; exact ties resolve to the lower latent."""
+@pytest.mark.parametrize("method", ["filter", "tilemerge"])
+def test_topk_encode_kernel_subset_and_ties(kernel_device, poison_empty, method):
+    """Only latents of the subset are chosen; exact ties resolve to the lower latent."""
     n, d, f, k = 4, 24, 70, 6
     x = torch.randn(n, d).to(kernel_device)
     W = torch.randn(f, d)
     W[41] = W[40]  # identical rows: equal activations for latents 40 and 41
     W = W.to(kernel_device)
     b = torch.zeros(f, device=kernel_device)
-    mask = torch.zeros(f, dtype=torch.bool)
-    mask[torch.arange(0, f, 2)] = True
-    mask[41] = True
-    values, indices = topk_encode_forward(x, W, b, k, latent_mask=mask.to(kernel_device), splits=2)
-    pre = pre_activations64(x.cpu(), W.cpu(), b.cpu(), latent_mask=mask)
-    assert_valid_topk(values.cpu(), indices.cpu(), pre, k, tol=1e-4)
-    chosen = indices.cpu()[values.cpu() > 0]
-    assert bool(mask[chosen].all())
-    rows_with_both = ((indices.cpu() == 40).any(1)) | ((indices.cpu() == 41).any(1))
-    for r in torch.nonzero(rows_with_both).flatten().tolist():
+    subset = torch.cat([torch.arange(0, f, 2), torch.tensor([41])]).sort().values
+    tiling = EncodeTiling(16, 32, 32, 4, 1, method) if kernel_device.type == "cpu" else EncodeTiling(method=method)
+    values, indices = topk_encode_forward(x, W, b, k, latent_subset=subset.to(kernel_device), splits=2,
+                                          tiling=tiling)
+    values, indices = values.cpu(), indices.cpu()
+    assert bool(torch.isin(indices, subset).all())
+    pre = pre_activations64(x.cpu(), W.cpu(), b.cpu())[:, subset]
+    assert_valid_topk(values, torch.searchsorted(subset, indices), pre, k, tol=1e-4)
+    for r in range(n):
         row = indices[r].tolist()
         if 41 in row:  # 41 may appear only together with 40 (ties prefer the lower latent)
             assert 40 in row
@@ -143,3 +145,26 @@ def test_sae_backward_gpu_matches_torch_and_repeats(dtype):
         err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
         assert err < (3e-2 if dtype == torch.bfloat16 else 1e-3), (name, float(err))
         assert torch.equal(got[name], again[name]), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_master_weights_get_fp32_gradients(kernel_device, backend):
+    """fp16 compute with fp32 parameters: outputs in fp16, parameter gradients in fp32 and
+    equal (to fp16 rounding) to those of the fp32 computation."""
+    torch.manual_seed(3)
+    n, d, f, k = 8, 40, 50, 4
+    x = torch.randn(n, d).to(kernel_device)
+    params = [torch.randn(f, d), 0.1 * torch.randn(f), torch.randn(f, d) / d**0.5]
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        W_enc, b_enc, W_dec = [p.to(kernel_device).requires_grad_() for p in params]
+        code = ops.topk_encode(x.to(dtype), W_enc, b_enc, k, backend=backend)
+        out = ops.sparse_decode(code.values, code.indices, W_dec, None, backend=backend,
+                                latent_index=code.latent_index)
+        assert out.dtype == dtype and code.values.dtype == dtype
+        out.float().pow(2).sum().backward()
+        assert W_enc.grad.dtype == W_dec.grad.dtype == b_enc.grad.dtype == torch.float32
+        grads[dtype] = (code.indices, W_enc.grad, b_enc.grad, W_dec.grad)
+    assert torch.equal(grads[torch.float32][0], grads[torch.float16][0])
+    for g32, g16 in zip(grads[torch.float32][1:], grads[torch.float16][1:]):
+        torch.testing.assert_close(g16, g32, rtol=2e-2, atol=2e-2 * float(g32.abs().max()))

@@ -5,13 +5,15 @@ Each op's torch reference sits beside it (``*_ref``): CPU path, test oracle, bas
 
 from .code import SparseCode
 from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
-from .sparse_decode import sparse_decode, sparse_decode_backward_ref, sparse_decode_ref
-from .topk_encode import topk_encode, topk_encode_ref
+from .sparse_decode import compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_ref
+from .topk_encode import dead_latent_list, topk_encode, topk_encode_ref
 
 __all__ = [
     "LatentIndex",
     "SparseCode",
     "build_latent_index",
+    "compute_copy",
+    "dead_latent_list",
     "latent_weighted_rowsum_ref",
     "sparse_decode",
     "sparse_decode_backward_ref",

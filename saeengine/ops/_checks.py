@@ -42,12 +42,12 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"tensors are on different devices ({listing}); move them to one device with .to(device)")
 
 
-def check_same_dtype(**tensors: torch.Tensor | None) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {v.dtype for v in present.values()}
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{k} is {v.dtype}" for k, v in present.items())
-        raise TypeError(f"mixed dtypes ({listing}); cast them to one dtype, or run under torch.autocast")
+def check_compute_dtype(name: str, t: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """Each parameter is in t's dtype (the compute dtype) or float32 (master weights)."""
+    for key, p in params.items():
+        if p is not None and p.dtype not in (t.dtype, torch.float32):
+            raise TypeError(f"{key} is {p.dtype} but {name} is {t.dtype}; parameters must be in {name}'s "
+                            "dtype or float32 (master weights): cast them, or run under torch.autocast")
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -6,7 +6,8 @@ fired, a contiguous segment of pairs; a weight-gradient row is then a sum over o
 in a fixed order: deterministic, with no float atomics and no [N, k, d] temporary.
 
 Built with torch ops and no host sync: the number of distinct latents stays on the device
-(``unique_latents`` is padded with -1, and kernels skip those slots).
+(``n_unique``, and ``unique_latents`` is padded with -1 past it), so kernels size their
+loops from it without the host ever reading it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class LatentIndex(NamedTuple):
     order: torch.Tensor           # [P] int64: pair ids sorted by latent (stable)
     unique_latents: torch.Tensor  # [P] int64: u-th distinct latent, -1 past the last one
     segment_starts: torch.Tensor  # [P + 1] int64: segment u is order[starts[u]:starts[u+1]]
+    n_unique: torch.Tensor        # [1] int64: the number of distinct latents
 
 
 def build_latent_index(indices: torch.Tensor) -> LatentIndex:
@@ -35,7 +37,8 @@ def build_latent_index(indices: torch.Tensor) -> LatentIndex:
     segment_starts = torch.full((n_pairs + 1,), n_pairs, dtype=torch.int64, device=flat.device)
     positions = torch.arange(n_pairs, device=flat.device)
     segment_starts.scatter_reduce_(0, segment_id, positions, reduce="amin", include_self=True)
-    return LatentIndex(order, unique_latents, segment_starts)
+    n_unique = segment_id[-1:] + 1 if n_pairs else torch.zeros(1, dtype=torch.int64, device=flat.device)
+    return LatentIndex(order, unique_latents, segment_starts, n_unique)
 
 
 def latent_weighted_rowsum_ref(

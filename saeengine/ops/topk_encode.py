@@ -2,8 +2,10 @@
 
 Layers: torch reference (here) | fused Triton kernel (kernels/topk_encode.py) wired by
 ``TopKEncodeTriton`` with a sparse backward | functional :func:`topk_encode`.
-The AuxK code (top-k_aux over dead latents only) is a second pass of the same kernel
-with the dead mask; its gradient reaches the encoder like the main code's.
+The AuxK code (top-min(k_aux, #dead) over the dead latents only) is a second pass of the
+same kernel over the dead rows of W_enc alone (a tenth of the work when 10% are dead); its
+gradient reaches the encoder like the main code's. Listing the dead latents costs one host
+sync per call with AuxK on (the pass is sized by their number).
 """
 
 from __future__ import annotations
@@ -15,39 +17,55 @@ from saeengine.backends import resolve_backend
 from . import _checks
 from .code import SparseCode
 from .latent_index import LatentIndex, build_latent_index
+from .sparse_decode import compute_copy
 
 
 def topk_encode_ref(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
-                    b_pre: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None
+                    b_pre: torch.Tensor | None = None, latent_subset: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference: materializes pre [N, F]; the CPU path and the test oracle.
 
-    x [N, d], W_enc [F, d], b_enc [F], b_pre [d], latent_mask [F] bool (latents outside
-    it count as 0) -> (values [N, k], indices [N, k] int64), rows sorted descending.
+    x [N, d], W_enc [F, d], b_enc [F], b_pre [d], latent_subset [F_sub] int64 (choose
+    among these latents only) -> (values [N, k], indices [N, k] int64 latents), rows
+    sorted descending.
     """
     xc = x - b_pre if b_pre is not None else x
+    if latent_subset is not None:
+        W_enc, b_enc = W_enc[latent_subset], b_enc[latent_subset]
     pre = torch.relu(xc @ W_enc.T + b_enc)
-    if latent_mask is not None:
-        pre = pre * latent_mask.to(pre.dtype)
     values, indices = pre.topk(k, dim=1, sorted=True)
+    if latent_subset is not None:
+        indices = latent_subset[indices]
     return values, indices
+
+
+def dead_latent_list(dead_mask: torch.Tensor | None, k_aux: int) -> tuple[torch.Tensor | None, int]:
+    """(ascending dead latent ids, the AuxK width min(k_aux, #dead)), or (None, 0) when AuxK
+    is off or nothing is dead. One host sync (the number of dead latents)."""
+    if dead_mask is None or k_aux <= 0:
+        return None, 0
+    dead = torch.nonzero(dead_mask).squeeze(1)
+    return (dead, min(k_aux, dead.numel())) if dead.numel() else (None, 0)
 
 
 class TopKEncodeTriton(torch.autograd.Function):
     """Fused Triton top-k forward; sparse backward through the by-latent index.
 
-    Inputs: x_centered [N, d] (= x - b_pre), W_enc [F, d], b_enc [F], k, latent_mask.
-    Outputs: values [N, k], indices [N, k], and the LatentIndex tensors of ``indices``
-    (built once here, reused by the decoder's backward).
+    Inputs: x_centered [N, d] (= x - b_pre), W_enc [F, d] (the parameter, possibly fp32
+    master weights), W_compute (W_enc detached, in x's dtype), b_enc [F] in x's dtype, k,
+    latent_subset. Outputs: values [N, k], indices [N, k], and the LatentIndex tensors of
+    ``indices`` (built once here, reused by the decoder's backward). W_enc's gradient comes
+    out of the segment-sum kernel in W_enc's dtype directly.
     """
 
     @staticmethod
-    def forward(ctx, x_centered, W_enc, b_enc, k, latent_mask):
+    def forward(ctx, x_centered, W_enc, W_compute, b_enc, k, latent_subset):
         from saeengine.kernels.topk_encode import topk_encode_forward
 
-        values, indices = topk_encode_forward(x_centered, W_enc, b_enc, k, latent_mask)
+        values, indices = topk_encode_forward(x_centered, W_compute, b_enc, k, latent_subset)
         index = build_latent_index(indices)
-        ctx.save_for_backward(x_centered, W_enc, values, indices, *index)
+        ctx.save_for_backward(x_centered, W_compute, values, indices, *index)
+        ctx.weight_dtype = W_enc.dtype
         ctx.mark_non_differentiable(indices, *index)
         return (values, indices, *index)
 
@@ -56,30 +74,28 @@ class TopKEncodeTriton(torch.autograd.Function):
         from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
         from saeengine.kernels.sparse_decode import sparse_decode_forward
 
-        x_centered, W_enc, values, indices, *index = ctx.saved_tensors
+        x_centered, W_compute, values, indices, *index = ctx.saved_tensors
         # ReLU: only pairs with a positive activation pass gradient.
         grad_pre = torch.where(values > 0, grad_values.float(), 0.0)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             # sum_j grad_pre[n, j] W_enc[indices[n, j]]: the sparse decode kernel again.
-            grad_x = sparse_decode_forward(grad_pre, indices, W_enc, out_dtype=x_centered.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_x = sparse_decode_forward(grad_pre, indices, W_compute, out_dtype=x_centered.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_W, grad_b = latent_weighted_rowsum(
-                LatentIndex(*index), grad_pre, x_centered, indices.shape[1], W_enc.shape[0],
-                out_dtype=torch.float32, with_sums=True)
-            grad_W, grad_b = grad_W.to(W_enc.dtype), grad_b.to(W_enc.dtype)
-        return grad_x, grad_W, grad_b, None, None
+                LatentIndex(*index), grad_pre, x_centered, indices.shape[1], W_compute.shape[0],
+                out_dtype=ctx.weight_dtype, with_sums=True)
+            grad_b = grad_b.to(W_compute.dtype)
+        return grad_x, grad_W, None, grad_b, None, None
 
 
-def _encode_triton(x, W_enc, b_enc, k, b_pre, latent_mask) -> SparseCode:
+def _encode_triton(x_centered, W_enc, W_compute, b_enc, k, latent_subset) -> SparseCode:
     from saeengine.kernels.topk_encode import topk_encode_forward
 
-    x_centered = x - b_pre if b_pre is not None else x
     tracked = (x_centered, W_enc, b_enc)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
-        values, indices = topk_encode_forward(x_centered, W_enc, b_enc, k, latent_mask)
-        return SparseCode(values, indices)
-    values, indices, *index = TopKEncodeTriton.apply(x_centered, W_enc, b_enc, k, latent_mask)
+        return SparseCode(*topk_encode_forward(x_centered, W_compute, b_enc, k, latent_subset))
+    values, indices, *index = TopKEncodeTriton.apply(x_centered, W_enc, W_compute, b_enc, k, latent_subset)
     return SparseCode(values, indices, latent_index=LatentIndex(*index))
 
 
@@ -88,14 +104,18 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
                 k_aux: int = 0, backend: str = "auto", check: bool = True) -> SparseCode:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row.
 
+    Computes in x's dtype. W_enc, b_enc and b_pre are in that dtype too, or float32 master
+    weights (mixed precision): the Triton path then returns W_enc's gradient in float32
+    directly, with no gradient buffer for a cast copy.
+
     Args:
         x: [N, d] activations.
         W_enc: [F, d] encoder rows; b_enc: [F]; b_pre: [d] subtracted from x (the
             decoder bias in an SAE), or None.
         k: latents kept per row, 1 <= k <= F.
-        dead_mask: [F] bool, True for dead latents; with ``k_aux > 0`` the result's
-            ``aux`` holds the top-k_aux over dead latents only (AuxK; slots beyond the
-            dead latents hold value 0).
+        dead_mask: [F] bool, True for dead latents; with ``k_aux > 0`` and any latent
+            dead, the result's ``aux`` holds the top-min(k_aux, #dead) over the dead
+            latents only (AuxK); one host sync counts them.
         backend: "auto", "torch" or "triton" (see saeengine.backends).
         check: validate shapes, devices, dtypes and finiteness (one host sync).
     Returns:
@@ -114,19 +134,24 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         if k_aux:
             _checks.check_k(k_aux, W_enc.shape[0], name="k_aux")
         _checks.check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_pre=b_pre, dead_mask=dead_mask)
-        _checks.check_same_dtype(x=x, W_enc=W_enc, b_enc=b_enc, b_pre=b_pre)
+        _checks.check_compute_dtype("x", x, W_enc=W_enc, b_enc=b_enc, b_pre=b_pre)
         _checks.check_finite("x", x)
     if dead_mask is not None and dead_mask.dtype != torch.bool:
         raise TypeError(f"dead_mask must be a bool tensor [F], got {dead_mask.dtype}")
     backend = resolve_backend(backend, "topk_encode", x.device)
-    aux = None
+    dead, k_dead = dead_latent_list(dead_mask, k_aux)
+    dtype = x.dtype
+    b_enc = b_enc.to(dtype)
+    b_pre = b_pre.to(dtype) if b_pre is not None else None
     if backend == "torch":
-        code = SparseCode(*topk_encode_ref(x, W_enc, b_enc, k, b_pre=b_pre))
-        if dead_mask is not None and k_aux > 0:
-            aux = SparseCode(*topk_encode_ref(x, W_enc, b_enc, k_aux, b_pre=b_pre, latent_mask=dead_mask))
+        W = W_enc.to(dtype)
+        code = SparseCode(*topk_encode_ref(x, W, b_enc, k, b_pre=b_pre))
+        if dead is not None:
+            code.aux = SparseCode(*topk_encode_ref(x, W, b_enc, k_dead, b_pre=b_pre, latent_subset=dead))
     else:
-        code = _encode_triton(x, W_enc, b_enc, k, b_pre, None)
-        if dead_mask is not None and k_aux > 0:
-            aux = _encode_triton(x, W_enc, b_enc, k_aux, b_pre, dead_mask)
-    code.aux = aux
+        x_centered = x - b_pre if b_pre is not None else x
+        W_c = compute_copy(W_enc, dtype)  # one cast shared by the main and the AuxK pass
+        code = _encode_triton(x_centered, W_enc, W_c, b_enc, k, None)
+        if dead is not None:
+            code.aux = _encode_triton(x_centered, W_enc, W_c, b_enc, k_dead, dead)
     return code
