@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see /work/.library/device): build, test, tune, benchmark.
-#   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests tune bench cuda
+#   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests gputests tune bench
 # Logs and JSON go to $OUT (default ./device-out). Each stage has its own time limit so
 # a slow one cannot eat the whole call.
 set -uo pipefail
@@ -24,6 +24,11 @@ for s in "$@"; do
       stage tests
       timeout 220 python3 -m pytest -q -p no:cacheprovider --durations=12 tests/test_triton_kernels.py tests/test_cuda_ops.py tests -rs > "$OUT/pytest.log" 2>&1
       echo "pytest rc=$?"; tail -15 "$OUT/pytest.log"
+      ;;
+    gputests)
+      stage gputests
+      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py -k "gpu or cuda or master or sae_forward" -rs > "$OUT/pytest_gpu.log" 2>&1
+      echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
       ;;
     tune)
       stage tune

@@ -44,14 +44,19 @@ def bench_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def peak_gb(fn, device: torch.device) -> float | None:
+def peak_gb(fn, device: torch.device, module: torch.nn.Module) -> float | None:
+    """GB one call of fn needs on its own: the module's parameters plus the peak of what
+    the call allocates on top of what was already allocated (so another system's weights
+    held by the benchmark do not count)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 1e9
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    return (torch.cuda.max_memory_allocated() - before + params) / 1e9
 
 
 def _import_sparse_coder():
@@ -104,12 +109,13 @@ def sparsify_version() -> str | None:
         return None
 
 
-def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str | None = None) -> None:
+def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str | None = None,
+                 module: torch.nn.Module | None = None) -> None:
     """row[key] = median ms of fn (and row[memory_key] = its peak GB); "OOM" when it does not fit."""
     try:
         row[key] = bench_ms(fn, device)
         if memory_key:
-            row[memory_key] = peak_gb(fn, device)
+            row[memory_key] = peak_gb(fn, device, module)
     except torch.OutOfMemoryError:
         row[key] = "OOM"
         if device.type == "cuda":
@@ -153,14 +159,14 @@ def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
         return run
 
     for backend in ["torch"] + (["triton"] if device.type == "cuda" else []):
-        measure_into(row, f"fwd_bwd_{backend}_ms", step(backend), device, f"peak_gb_{backend}")
+        measure_into(row, f"fwd_bwd_{backend}_ms", step(backend), device, f"peak_gb_{backend}", sae)
         sae.zero_grad(set_to_none=True)
     if coder is not None:
         def sparsify_step():
             coder.zero_grad(set_to_none=True)
             out = coder(xf, dead_mask=dead)  # its forward runs under bf16 autocast itself
             (out.fvu + out.auxk_loss / 32).backward()
-        measure_into(row, "fwd_bwd_sparsify_ms", sparsify_step, device, "peak_gb_sparsify")
+        measure_into(row, "fwd_bwd_sparsify_ms", sparsify_step, device, "peak_gb_sparsify", coder)
         coder.zero_grad(set_to_none=True)
         del coder
     for other in ("sparsify", "torch"):

@@ -26,6 +26,7 @@ from run_benchmarks import stamp  # noqa: E402
 
 import saeengine  # noqa: E402
 from saeengine import SAE, SAEConfig  # noqa: E402
+from saeengine.ops import topk_encode_ref  # noqa: E402
 from saeengine.kernels.sparse_decode import sparse_decode_forward  # noqa: E402
 from saeengine.kernels.topk_encode import EncodeTiling, topk_encode_forward  # noqa: E402
 
@@ -96,7 +97,13 @@ def sweep(n: int, f: int, d: int, k: int, sections: set[str]) -> list[dict]:
             print(json.dumps(row), flush=True)
     # AuxK pass: k_aux = 512 over the 10% dead latents
     dead = torch.nonzero(torch.rand(f, device="cuda") < 0.1).squeeze(1)
-    aux_tilings = [T(), T(64, 128, 64, 8, 3), T(64, 64, 64, 4, 3), T(128, 128, 64, 8, 3)]
+    if "auxk" in sections:  # the dense selection the ops layer uses for wide subset codes
+        row = {"N": n, "F": f, "variant": "auxk512:dense_gemm+torch.topk"}
+        row["ms"] = ms(lambda: topk_encode_ref(x, W, b, 512, latent_subset=dead))
+        row["over_gemm"] = row["ms"] / gemm
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    aux_tilings = [T(), T(64, 64, 64, 4, 3)]
     for tiling in aux_tilings if "auxk" in sections else ():
         row = {"N": n, "F": f, "variant": "auxk512:" + "/".join(map(str, tiling))}
         try:

@@ -26,31 +26,32 @@ from ._common import interpreting, next_pow2, target_programs
 def _latent_rowsum_kernel(
     order_ptr, unique_ptr, starts_ptr, n_unique_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
     k, d, stride_rn, stride_of,
-    HAS_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SUMS: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Each thread accumulates its own columns pair after pair (no cross-thread reduction);
+    # UNROLL independent row gathers are issued back to back to keep loads in flight.
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < d
     n_unique = tl.load(n_unique_ptr)
     for slot in range(tl.program_id(0), n_unique, tl.num_programs(0)):
         latent = tl.load(unique_ptr + slot)
         start = tl.load(starts_ptr + slot)
         end = tl.load(starts_ptr + slot + 1)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_mask = cols < d
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        coef_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for p0 in range(start, end, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            p_mask = ps < end
-            pair = tl.load(order_ptr + ps, mask=p_mask, other=0)
-            coef = tl.load(coef_ptr + pair, mask=p_mask, other=0.0).to(tl.float32)
-            token = pair // k
-            r = tl.load(rows_ptr + token[:, None] * stride_rn + cols[None, :],
-                        mask=p_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(r * coef[:, None], axis=0)
-            coef_sum += coef
+        coef_sum = 0.0
+        for p0 in range(start, end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                p = p0 + u
+                ok = p < end
+                pair = tl.load(order_ptr + p, mask=ok, other=0)
+                coef = tl.load(coef_ptr + pair, mask=ok, other=0.0).to(tl.float32)
+                r = tl.load(rows_ptr + (pair // k) * stride_rn + cols, mask=col_mask & ok, other=0.0)
+                acc += coef * r.to(tl.float32)
+                coef_sum += coef
         tl.store(out_ptr + latent * stride_of + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
         if HAS_SUMS:
             if tl.program_id(1) == 0:
-                tl.store(sums_ptr + latent, tl.sum(coef_sum, axis=0).to(sums_ptr.dtype.element_ty))
+                tl.store(sums_ptr + latent, coef_sum.to(sums_ptr.dtype.element_ty))
 
 
 def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int, n_latents: int,
@@ -64,13 +65,13 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
     sums = torch.zeros(n_latents, dtype=out_dtype, device=rows.device) if with_sums else None
     if n_pairs == 0:
         return out, sums
-    block_d = min(next_pow2(d), 64 if interpreting() else 256)
+    block_d = min(next_pow2(d), 64 if interpreting() else 512)
     col_blocks = triton.cdiv(d, block_d)
     programs = max(1, min(n_pairs, n_latents, 4 * target_programs(rows.device) // col_blocks))
     _latent_rowsum_kernel[(programs, col_blocks)](
         index.order, index.unique_latents, index.segment_starts, index.n_unique, coef, rows, out,
         sums if sums is not None else out,
         k, d, rows.stride(0), out.stride(0),
-        HAS_SUMS=with_sums, BLOCK_P=16, BLOCK_D=block_d,
+        HAS_SUMS=with_sums, UNROLL=8, BLOCK_D=block_d, num_warps=2,
     )
     return out, sums

@@ -90,17 +90,19 @@ def _sae_grads(sae, x, dead, backend):
     return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device):
-    """Full TopK forward + AuxK + sparse backward through the Triton path."""
+@pytest.mark.parametrize("f,k_aux,n_dead", [(130, 16, 13), (300, 130, 150)])
+def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, f, k_aux, n_dead):
+    """Full TopK forward + AuxK + sparse backward through the Triton path (k_aux=130 takes
+    the dense selection of wide subset codes)."""
     torch.manual_seed(5)
-    sae = SAE(SAEConfig(d_in=72, d_sae=130, k=8, k_aux=16), device=kernel_device, seed=5)
+    sae = SAE(SAEConfig(d_in=72, d_sae=f, k=8, k_aux=k_aux), device=kernel_device, seed=5)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.3)
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
     x = torch.randn(16, 72, device=kernel_device)
-    dead = torch.zeros(130, dtype=torch.bool, device=kernel_device)
-    dead[torch.randperm(130)[:13]] = True  # 10% dead
+    dead = torch.zeros(f, dtype=torch.bool, device=kernel_device)
+    dead[torch.randperm(f)[:n_dead]] = True
     ref_out, ref_grads = _sae_grads(sae, x, dead, "torch")
     out, grads = _sae_grads(sae, x, dead, "triton")
     assert torch.equal(out.code.indices, ref_out.code.indices)
