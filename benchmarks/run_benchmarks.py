@@ -47,9 +47,11 @@ def bench_ms(fn, device: torch.device) -> float:
 def peak_gb(fn, device: torch.device, module: torch.nn.Module) -> float | None:
     """GB one call of fn needs on its own: the module's parameters plus the peak of what
     the call allocates on top of what was already allocated (so another system's weights
-    held by the benchmark do not count)."""
+    held by the benchmark do not count). Gradients are dropped first, so the step's
+    gradient buffers count as its own."""
     if device.type != "cuda":
         return None
+    module.zero_grad(set_to_none=True)  # gradients left by the timing runs would hide the step's own
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

@@ -1,18 +1,32 @@
 """Fused top-k encoder in Triton: top-k of relu(x W^T + b) per row, without the [N, F] matrix.
 
-Stage 1 (``_topk_encode_partial_kernel``): the grid is (row blocks, F splits). A program
-computes pre-activation tiles [BLOCK_N, BLOCK_F] with tl.dot, applies bias, ReLU and the
-optional latent mask, and keeps a running top-K_PAD per row in registers. Splitting F
-across programs fills the GPU when N is small. Candidates go to a small buffer
-[N, splits, K_PAD].
+Stage 1, the partial kernel. The grid is (row blocks, F splits). A program computes
+pre-activation tiles [BLOCK_N, BLOCK_F] with tl.dot, adds the bias and applies ReLU.
+Splitting F across programs fills the GPU when N is small.
 
-Stage 2 (``_topk_merge_kernel``): one program per row merges its splits' candidates and
-writes the final top-k values and latent indices.
+There are two selection methods:
+- "filter" (the default), ``_topk_encode_filter_kernel``. Each row keeps in registers the
+  value of its current K_PAD-th best. Only elements above that threshold are appended to
+  the row's candidate list in global memory. A full list is compacted to its top K_PAD,
+  which raises the threshold, so a tile costs about one compare per element once the
+  threshold has settled.
+- "tilemerge", ``_topk_encode_tilemerge_kernel``. It keeps a running top-K_PAD in registers
+  and merges every tile's top-K_PAD into it: two bitonic sorts per tile. It is 2.5x slower
+  on an H100 (benchmarks/results/NOTES.md). It stays as the baseline, and with
+  ``select=False`` it times the GEMM part alone.
 
-Selection works on packed int64 keys: the high 32 bits are the fp32 bits of the
-(non-negative) activation, which order like the floats; the low 32 bits are
-0x7FFFFFFF - latent, so equal activations prefer the lower latent. The result is exact
-and deterministic, ties included. Padding slots hold the key -1, below every real key.
+Stage 2, ``_topk_merge_kernel``. One program per row merges the K_PAD candidates of each
+split and writes the final values and latent indices.
+
+Selection works on packed int64 keys:
+- The high 32 bits are the fp32 bits of the activation, which is non-negative, so the
+  keys order like the floats.
+- The low 32 bits are 0x7FFFFFFF - latent, so equal activations prefer the lower latent.
+- Padding slots hold the key -1, below every real key.
+
+The result is exact and deterministic, ties included. With ``latent_subset`` (AuxK over
+the dead latents) the columns are the subset's rows of W. The keys carry the global
+latent id.
 """
 
 from __future__ import annotations
