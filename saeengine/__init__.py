@@ -13,6 +13,7 @@ from .backends import BackendUnavailableError, available_backends
 from .checkpoint import CheckpointError
 from .config import SAEConfig
 from .sae import SAE, ForwardOutput
+from .trainer import TrainConfig, train
 
 _load_extension()  # registers torch.ops.saeengine.* when the CUDA extension is built
 
@@ -22,7 +23,9 @@ __all__ = [
     "CheckpointError",
     "ForwardOutput",
     "SAEConfig",
+    "TrainConfig",
     "available_backends",
     "ops",
+    "train",
     "__version__",
 ]

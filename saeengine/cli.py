@@ -1,4 +1,4 @@
-"""Command line: ``saeengine demo`` (the embedded default job); more commands join here.
+"""Command line: ``saeengine demo`` (the embedded default job) and ``saeengine train``.
 
 Options come from the fields of the config dataclasses; each field's docstring is its help.
 """
@@ -29,9 +29,33 @@ def _field_docs(cls) -> dict[str, str]:
 def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
-        kind = type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                            help=f"{docs.get(f.name, '')} (default: {f.default})")
+        flag = f"--{f.name.replace('_', '-')}"
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help_text)
+
+
+def _dataclass_from_args(cls, args: argparse.Namespace):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _sweep_configs(base, sweep: list[str]):
+    """``--sweep k=16,32`` (repeatable): one config per combination, each named after it."""
+    configs = [base]
+    types = {f.name: type(f.default) for f in dataclasses.fields(base)}
+    for spec in sweep:
+        key, _, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in types or not values:
+            raise SystemExit(f"saeengine train: --sweep {spec!r} must be FIELD=V1,V2,... with a TrainConfig field")
+        configs = [dataclasses.replace(c, **{key: types[key](v)}) for c in configs for v in values.split(",")]
+    if sweep:
+        configs = [dataclasses.replace(c, name=c.name or f"{c.run_name}") for c in configs]
+    return configs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "dictionary; print FVU, L0, dead fraction and dictionary recovery.")
     add_dataclass_options(demo, DemoConfig)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    from .trainer import TrainConfig
+
+    train = sub.add_parser("train", help="train an SAE (or a sweep) on an activation store",
+                           description="Train SAEs on a recorded activation store. Every SAE of a sweep reads "
+                                       "the same batches. Re-running the same command resumes from the latest "
+                                       "checkpoint in --out-dir.")
+    train.add_argument("--data", required=True, help="activation store directory (see saeengine.store)")
+    train.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="train one SAE per value (repeat for a grid), e.g. --sweep k=16,32,64")
+    add_dataclass_options(train, TrainConfig)
     return parser
 
 
@@ -52,13 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
 
-        fields = {f.name for f in dataclasses.fields(DemoConfig)}
-        cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        cfg = _dataclass_from_args(DemoConfig, args)
         report = run_demo(cfg, progress=not args.no_progress)
         print(json.dumps(report, indent=2))
         print(f"\nFVU {report['fvu']:.4f} | L0 {report['l0']:.2f} | dead {report['dead_fraction']:.1%} | "
               f"planted-dictionary recovery (mean max cos) {report['recovery_mean_max_cos']:.3f} | "
               f"checkpoint {report['checkpoint']}")
+        return 0
+    if args.command == "train":
+        from .trainer import TrainConfig, train
+
+        configs = _sweep_configs(_dataclass_from_args(TrainConfig, args), args.sweep)
+        saes = train(args.data, configs)
+        for cfg, sae in zip(configs, saes):
+            print(f"{cfg.run_name}: {sae.cfg.d_sae} latents -> {cfg.out_dir}/{cfg.run_name}")
         return 0
     return 1
 

@@ -38,6 +38,8 @@ class SAEConfig:
     """Weight of the AuxK loss in the total loss."""
     jumprelu_threshold: float = 1e-3
     """Initial threshold of every latent for "jumprelu"."""
+    jumprelu_bandwidth: float = 1e-3
+    """Width of the rectangle kernel of the threshold's straight-through gradient ("jumprelu")."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance: backbone, layer, token kind, dataset, ..."""
 

@@ -3,6 +3,7 @@ how well it recovered the atoms. Runs on CPU in well under a minute."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,8 @@ from pathlib import Path
 import torch
 
 from .backends import available_backends
-from .config import SAEConfig
-from .sae import SAE
 from .synthetic import dictionary_recovery, planted_dictionary
-from .train import train_in_memory
+from .trainer import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -51,26 +50,28 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     data = planted_dictionary(cfg.tokens, cfg.d_in, cfg.n_atoms, cfg.active_per_token, seed=cfg.seed)
-    sae = SAE(SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k, normalization="none",
-                        metadata={"source": "planted dictionary demo"}), device=device, seed=cfg.seed)
     n_held = min(8192, cfg.tokens // 5)  # never sampled for training: the reported FVU is held out
     held_out, train_rows = data.activations[-n_held:], data.activations[:-n_held]
+    train_cfg = TrainConfig(d_sae=cfg.d_sae, k=cfg.k, total_tokens=cfg.steps * cfg.batch_size,
+                            batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=20, normalization="none",
+                            b_dec_init="mean", dead_after_tokens=50 * cfg.batch_size, seed=cfg.seed,
+                            device=str(device), backend=cfg.backend, out_dir=cfg.out, name="demo",
+                            resume=False, progress=progress)
     start = time.perf_counter()
-    result = train_in_memory(sae, train_rows, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                             seed=cfg.seed, backend=cfg.backend, progress=progress,
-                             dead_after_tokens=50 * cfg.batch_size)
+    sae = train(train_rows, train_cfg)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         out = sae(held_out.to(device), backend=cfg.backend)
-    report = {
+    metrics = Path(cfg.out) / "demo" / "metrics.jsonl"
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    return {
         "device": str(device),
         "backends": {op: available_backends(op, device) for op in ("topk_encode", "sparse_decode")},
         "train_seconds": round(seconds, 2),
         "fvu": float(out.fvu),
         "l0": float(out.l0),
-        "dead_fraction": result.dead_fraction,
+        "dead_fraction": last["dead"],
         "recovery_mean_max_cos": dictionary_recovery(data.atoms, sae.W_dec),
+        "checkpoint": str(Path(cfg.out) / "demo"),
+        "metrics": str(metrics),
     }
-    path = sae.save(Path(cfg.out), provenance={"job": "demo"})
-    report["checkpoint"] = str(path)
-    return report

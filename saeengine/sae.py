@@ -23,6 +23,7 @@ from . import ops
 from .config import SAEConfig
 from .ops import _checks
 from .ops.code import SparseCode
+from .ops.jumprelu import jumprelu, step_l0
 
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
 
@@ -37,6 +38,8 @@ class ForwardOutput:
          defined for N >= 2).
     auxk_loss: scalar AuxK loss ||e - e^||^2 / ||x~ - mean(x~)||^2 (0 without dead latents).
     loss: fvu + aux_alpha * auxk_loss.
+    sparsity: scalar sparsity penalty of "relu" (L1) and "jumprelu" (L0), else 0. Not in
+         ``loss``: its coefficient (and warm-up) is a training setting.
     """
 
     recon: torch.Tensor
@@ -44,6 +47,7 @@ class ForwardOutput:
     fvu: torch.Tensor
     auxk_loss: torch.Tensor
     loss: torch.Tensor
+    sparsity: torch.Tensor | None = None
 
     @property
     def l0(self) -> torch.Tensor:
@@ -145,10 +149,15 @@ class SAE(nn.Module):
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
         pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
         if cfg.architecture == "relu":
-            return _padded_code(torch.relu(pre))
+            act = torch.relu(pre)
+            code = _padded_code(act)
+            code.penalty = act.float().sum(1).mean()  # L1 (decoder rows have unit norm)
+            return code
         if cfg.architecture == "jumprelu":
             threshold = self.log_threshold.exp().to(pre.dtype)
-            return _padded_code(torch.where(pre > threshold, pre, torch.zeros_like(pre)))
+            code = _padded_code(jumprelu(pre, threshold, cfg.jumprelu_bandwidth))
+            code.penalty = step_l0(pre, threshold, cfg.jumprelu_bandwidth).float().sum(1).mean()
+            return code
         act = torch.relu(pre)
         code = self._batchtopk(act)
         dead, k_dead = ops.dead_latent_list(dead_mask, cfg.effective_k_aux)
@@ -217,7 +226,8 @@ class SAE(nn.Module):
             scale = code.aux.values.shape[1] / self.cfg.effective_k_aux
             auxk = scale * (err.detach() - e_hat.float()).pow(2).sum() / total_var
         loss = fvu + self.cfg.aux_alpha * auxk
-        return ForwardOutput(self.denormalize(x_hat.to(x.dtype)), code, fvu, auxk, loss)
+        sparsity = code.penalty if code.penalty is not None else torch.zeros((), device=x.device)
+        return ForwardOutput(self.denormalize(x_hat.to(x.dtype)), code, fvu, auxk, loss, sparsity)
 
     # ----- decoder constraints (used by the trainer) -------------------------------------
     @torch.no_grad()

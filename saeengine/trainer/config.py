@@ -1,0 +1,142 @@
+"""TrainConfig: every setting of one SAE's training run. The fields' docstrings are the
+``saeengine train --help`` text."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..config import ARCHITECTURES, NORMALIZATIONS
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+AUTOCAST = ("none", "bfloat16", "float16")
+# Fields that every config of a sweep must share: the SAEs read the same batches.
+SHARED_FIELDS = ("total_tokens", "batch_size", "seed", "device", "out_dir", "checkpoint_every_tokens", "resume")
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 / sqrt(F / 2^14) (Gao et al. 2024)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one SAE training run (a sweep is a list of them)."""
+
+    d_sae: int = 16384
+    """Number of latents F."""
+    architecture: str = "topk"
+    """topk, batchtopk, relu (with an L1 penalty) or jumprelu (with an L0 penalty)."""
+    k: int = 32
+    """Active latents per token (topk; the batch average for batchtopk)."""
+    total_tokens: int = 10_000_000
+    """Training tokens; the run takes total_tokens // batch_size steps."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 0.0
+    """Adam learning rate; 0 means 2e-4 / sqrt(d_sae / 2^14)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up from 0."""
+    decay_start: float = 0.8
+    """Fraction of the run after which the learning rate decays linearly to 0."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    clip_grad_norm: float = 1.0
+    """Clip the gradient norm to this value; 0 disables clipping."""
+    auxk: bool = True
+    """AuxK loss over dead latents (topk and batchtopk)."""
+    k_aux: int = 0
+    """AuxK code width; 0 means d_in // 2."""
+    aux_alpha: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    dead_after_tokens: int = 10_000_000
+    """A latent is dead once it has not fired for this many tokens."""
+    sparsity_coefficient: float = 1e-3
+    """Penalty weight: L1 for relu, L0 for jumprelu (unused by topk and batchtopk)."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient from 0 (the L1 warm-up of relu)."""
+    jumprelu_threshold: float = 1e-3
+    """Initial JumpReLU threshold."""
+    b_dec_init: str = "geometric_median"
+    """Decoder bias start: geometric_median (Weiszfeld), mean, or zeros of a data sample."""
+    normalization: str = "mean_norm"
+    """Input normalization estimated from the data and saved with the SAE: mean_norm or none."""
+    autocast: str = "none"
+    """Mixed precision on CUDA: none, bfloat16 or float16 compute over fp32 parameters."""
+    seed: int = 0
+    """Seed of the initialization and of the data order."""
+    device: str = "auto"
+    """auto (cuda when present), cpu or cuda."""
+    backend: str = "auto"
+    """Op backend: auto, torch, triton or cuda."""
+    out_dir: str = "runs/sae"
+    """Run directory: checkpoints/, and one folder per SAE with the trained SAE and metrics.jsonl."""
+    name: str = ""
+    """This SAE's folder under out_dir; empty means a name built from the settings."""
+    checkpoint_every_tokens: int = 0
+    """Write a resumable checkpoint every this many tokens (0: only at the end)."""
+    resume: bool = True
+    """Continue from out_dir's latest checkpoint when there is one."""
+    log_every: int = 50
+    """Steps between metric lines in metrics.jsonl."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.architecture in ARCHITECTURES, f"architecture={self.architecture!r}; choose one of {ARCHITECTURES}"),
+            (self.normalization in NORMALIZATIONS, f"normalization={self.normalization!r}; choose one of {NORMALIZATIONS}"),
+            (self.b_dec_init in B_DEC_INITS, f"b_dec_init={self.b_dec_init!r}; choose one of {B_DEC_INITS}"),
+            (self.autocast in AUTOCAST, f"autocast={self.autocast!r}; choose one of {AUTOCAST}"),
+            (self.batch_size >= 2, f"batch_size={self.batch_size}; it must be >= 2 (FVU needs two rows)"),
+            (self.total_tokens >= self.batch_size,
+             f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"),
+            (0.0 <= self.decay_start <= 1.0, f"decay_start={self.decay_start}; it must lie in [0, 1]"),
+            (self.lr >= 0 and self.clip_grad_norm >= 0, "lr and clip_grad_norm must be >= 0"),
+            (self.d_sae >= 1 and self.k >= 1, f"d_sae={self.d_sae} and k={self.k} must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{message}")
+
+    @property
+    def steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or default_lr(self.d_sae)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.architecture}-F{self.d_sae}-k{self.k}-lr{self.learning_rate:.2g}"
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at ``step`` (warm-up, flat, linear decay to 0)."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        decay_from = int(self.decay_start * self.steps)
+        decay = 1.0 if step < decay_from else max(0.0, (self.steps - step) / max(1, self.steps - decay_from))
+        return warm * decay
+
+    def sparsity_factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_sweep(configs: list[TrainConfig]) -> None:
+    """The configs of one sweep share their data settings, and have distinct names."""
+    if not configs:
+        raise ValueError("train() needs at least one TrainConfig")
+    for field in SHARED_FIELDS:
+        values = {getattr(c, field) for c in configs}
+        if len(values) > 1:
+            raise ValueError(f"the SAEs of one sweep read the same batches, so TrainConfig.{field} must be "
+                             f"equal across the sweep; got {sorted(map(str, values))}")
+    names = [c.run_name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two SAEs of the sweep have the same name ({names}); set TrainConfig.name")

@@ -1,0 +1,159 @@
+"""``saeengine.train``: train one SAE, or a sweep of them on the same batches."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import SAEConfig
+from ..sae import SAE
+from .checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .config import TrainConfig, check_sweep
+from .data import batch_source, d_in_of, init_sample
+from .init import init_from_sample
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class _Run:
+    """One SAE of the run with its optimizer and dead-latent counters."""
+
+    cfg: TrainConfig
+    sae: SAE
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # [F] int64: tokens since each latent last fired
+    directory: Path
+
+    @property
+    def dead(self) -> torch.Tensor:
+        return self.since_fired >= self.cfg.dead_after_tokens
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) -> _Run:
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture, k=cfg.k,
+                        normalization=cfg.normalization, k_aux=cfg.k_aux or None, aux_alpha=cfg.aux_alpha,
+                        jumprelu_threshold=cfg.jumprelu_threshold, metadata={"train_config": cfg.to_dict()})
+    sae = SAE(sae_cfg, device=device, seed=cfg.seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
+    return _Run(cfg, sae, opt, since_fired, out_dir / cfg.run_name)
+
+
+def _truncate_metrics(path: Path, before_step: int) -> None:
+    """Keep the metric lines of steps before ``before_step`` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> dict:
+    cfg = run.cfg
+    for group in run.opt.param_groups:
+        group["lr"] = cfg.learning_rate * cfg.lr_factor(step)
+    use_aux = cfg.auxk and cfg.architecture in ("topk", "batchtopk")
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.autocast))
+                if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
+    with autocast:
+        out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False)
+        loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.sae.remove_parallel_grad_()
+    if cfg.clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
+    run.opt.step()
+    run.sae.normalize_decoder_()
+    with torch.no_grad():  # fire counts from the code: integer adds on the device, no host sync
+        fired = torch.zeros_like(run.since_fired).scatter_add_(
+            0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
+        run.since_fired.copy_(torch.where(fired > 0, 0, run.since_fired + x.shape[0]))
+    return {"fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(), "l0": out.l0.detach(),
+            "sparsity": out.sparsity.detach()}
+
+
+def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
+    """Train an SAE (or a sweep of SAEs, one per config) and return it (them).
+
+    Args:
+        data: an activation store directory (or ActivationStore), or a tensor [tokens, d_in].
+        config: a TrainConfig, or a list of them: a sweep. Every SAE of a sweep sees the
+            same batches, read once per step. The configs must share the data settings
+            (total_tokens, batch_size, seed, device, out_dir, checkpointing).
+    Returns:
+        The trained SAE in eval mode (a list for a list of configs). Each is also saved to
+        out_dir/<name>/, with metrics.jsonl beside it. Resumable checkpoints go to
+        out_dir/checkpoints/. With ``resume`` (the default) a call finds the latest one and
+        continues from it, so that a killed run ends bit-for-bit where an uninterrupted
+        run would (same device and backend).
+
+    Example::
+
+        sae = saeengine.train("acts/clip-b16-layer8", saeengine.TrainConfig(d_sae=2**16, k=32))
+    """
+    configs = [config] if isinstance(config, TrainConfig) else list(config)
+    check_sweep(configs)
+    first = configs[0]
+    device = _device(first.device)
+    out_dir = Path(first.out_dir)
+    source = batch_source(data, first.batch_size, first.seed, device)
+    runs = [_make_run(cfg, d_in_of(source), device, out_dir) for cfg in configs]
+    checkpoint = latest_checkpoint(out_dir) if first.resume else None
+    if checkpoint is not None:
+        start = restore_checkpoint(checkpoint, runs, source)
+    else:
+        start = 0
+        sample = init_sample(source, first.seed)
+        for run in runs:
+            init_from_sample(run.sae, sample, run.cfg.b_dec_init)
+    for run in runs:
+        run.directory.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(run.directory / METRICS, start)
+        run.sae.train()
+
+    steps, batch = first.steps, first.batch_size
+    every = first.checkpoint_every_tokens
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not first.progress, desc="train",
+               unit="step", dynamic_ncols=True)
+    batches = iter(source)
+    tick, tick_step = time.perf_counter(), start
+    for step in bar:
+        x = next(batches)
+        metrics = [_train_step(run, x, step, device) for run in runs]
+        if step % first.log_every == 0 or step == steps - 1:
+            now = time.perf_counter()
+            tokens_per_s = (step + 1 - tick_step) * batch / max(now - tick, 1e-9)
+            tick, tick_step = now, step + 1
+            for run, m in zip(runs, metrics):
+                line = {"step": step, "tokens": (step + 1) * batch, "lr": run.opt.param_groups[0]["lr"],
+                        **{key: float(value) for key, value in m.items()},
+                        "dead": float(run.dead.float().mean()), "tokens_per_s": tokens_per_s}
+                with open(run.directory / METRICS, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            head = runs[0]
+            bar.set_postfix(tok_s=f"{tokens_per_s:.3g}", fvu=f"{float(metrics[0]['fvu']):.4f}",
+                            l0=f"{float(metrics[0]['l0']):.1f}", dead=f"{float(head.dead.float().mean()):.1%}")
+        if every and (step + 1) * batch // every > step * batch // every:
+            save_checkpoint(out_dir, step + 1, runs, source)
+    bar.close()
+    if start < steps or checkpoint is None:
+        save_checkpoint(out_dir, steps, runs, source)
+    for run in runs:
+        run.sae.eval()
+        run.sae.save(run.directory, provenance={"train_config": run.cfg.to_dict(), "steps": steps,
+                                                "data": getattr(source, "content_hash", None)})
+    saes = [run.sae for run in runs]
+    return saes[0] if isinstance(config, TrainConfig) else saes
