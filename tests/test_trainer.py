@@ -145,3 +145,10 @@ def test_train_cli_help_lists_every_field():
     assert out.returncode == 0
     for field in ("--d-sae", "--checkpoint-every-tokens", "--no-auxk", "--sweep", "Number of latents F."):
         assert field in out.stdout
+
+
+def test_row_sparse_adam_with_resampling_recovers_atoms(tmp_path, planted):
+    cfg = quick(tmp_path, optimizer="row_sparse_adam", resample_every_tokens=100 * 256, name="rs")
+    sae = saeengine.train(planted.activations, cfg)
+    assert dictionary_recovery(planted.atoms, sae.W_dec) >= 0.9
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-5)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..config import ARCHITECTURES, NORMALIZATIONS
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+OPTIMIZERS = ("adam", "row_sparse_adam")
 AUTOCAST = ("none", "bfloat16", "float16")
 # Fields that every config of a sweep must share: the SAEs read the same batches.
 SHARED_FIELDS = ("total_tokens", "batch_size", "seed", "device", "out_dir", "checkpoint_every_tokens", "resume")
@@ -46,6 +47,11 @@ class TrainConfig:
     """Adam beta2."""
     clip_grad_norm: float = 1.0
     """Clip the gradient norm to this value; 0 disables clipping."""
+    optimizer: str = "adam"
+    """adam (dense), or row_sparse_adam (only latents that fired this step are updated;
+    their moments do not decay in between)."""
+    resample_every_tokens: int = 0
+    """Resample latents dead at that moment every this many tokens (0: never)."""
     auxk: bool = True
     """AuxK loss over dead latents (topk and batchtopk)."""
     k_aux: int = 0
@@ -91,6 +97,7 @@ class TrainConfig:
             (self.normalization in NORMALIZATIONS, f"normalization={self.normalization!r}; choose one of {NORMALIZATIONS}"),
             (self.b_dec_init in B_DEC_INITS, f"b_dec_init={self.b_dec_init!r}; choose one of {B_DEC_INITS}"),
             (self.autocast in AUTOCAST, f"autocast={self.autocast!r}; choose one of {AUTOCAST}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}"),
             (self.batch_size >= 2, f"batch_size={self.batch_size}; it must be >= 2 (FVU needs two rows)"),
             (self.total_tokens >= self.batch_size,
              f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"),

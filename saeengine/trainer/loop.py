@@ -17,6 +17,7 @@ from .checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, check_sweep
 from .data import batch_source, d_in_of, init_sample
 from .init import init_from_sample
+from ..optim import RowSparseAdam, resample_dead_latents_
 
 METRICS = "metrics.jsonl"
 
@@ -47,7 +48,11 @@ def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) 
                         normalization=cfg.normalization, k_aux=cfg.k_aux or None, aux_alpha=cfg.aux_alpha,
                         jumprelu_threshold=cfg.jumprelu_threshold, metadata={"train_config": cfg.to_dict()})
     sae = SAE(sae_cfg, device=device, seed=cfg.seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "row_sparse_adam":
+        opt = RowSparseAdam(sae, lr=cfg.learning_rate, betas=betas)
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=betas)
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
     return _Run(cfg, sae, opt, since_fired, out_dir / cfg.run_name)
 
@@ -72,17 +77,40 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
         loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    run.sae.remove_parallel_grad_()
-    if cfg.clip_grad_norm:
-        torch.nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
-    run.opt.step()
-    run.sae.normalize_decoder_()
+    if cfg.optimizer == "row_sparse_adam":  # the projection and the gradient fix are fused in its step
+        if cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
+        run.opt.step(_fired_rows(out.code))
+    else:
+        run.sae.remove_parallel_grad_()
+        if cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
+        run.opt.step()
+        run.sae.normalize_decoder_()
+    every = cfg.resample_every_tokens
+    if every and (step + 1) * x.shape[0] // every > step * x.shape[0] // every:
+        with torch.no_grad():
+            xn = run.sae.normalize(x.float())
+            losses = (xn - run.sae.normalize(out.recon.float())).pow(2).sum(1)
+            dead = run.dead
+            resample_dead_latents_(run.sae, run.opt, dead, xn, losses,
+                                   torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+            run.since_fired[dead] = 0
     with torch.no_grad():  # fire counts from the code: integer adds on the device, no host sync
         fired = torch.zeros_like(run.since_fired).scatter_add_(
             0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
         run.since_fired.copy_(torch.where(fired > 0, 0, run.since_fired + x.shape[0]))
     return {"fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(), "l0": out.l0.detach(),
             "sparsity": out.sparsity.detach()}
+
+
+def _fired_rows(code) -> torch.Tensor:
+    """Distinct latents with a positive activation in the code or its AuxK code: the rows
+    that received gradient this step."""
+    parts = [code.indices[code.values > 0]]
+    if code.aux is not None:
+        parts.append(code.aux.indices[code.aux.values > 0])
+    return torch.unique(torch.cat(parts))
 
 
 def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:

@@ -1,0 +1,95 @@
+"""Row-sparse ("lazy") Adam for SAEs: only the latent rows that received gradient this
+step are updated, with the decoder's parallel-gradient removal and unit-norm projection
+fused into the same pass over those rows.
+
+This is the torch reference. The CUDA kernel of issue 4 takes the same row list from the
+sparse backward and never builds a dense [F, d] gradient.
+
+How it differs from dense Adam: a row that did not fire keeps its moments as they were.
+Dense Adam would decay them, and would still move the row by m / sqrt(v) even at zero
+gradient. The bias correction uses the global step, as TensorFlow's LazyAdam does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
+
+
+class RowSparseAdam:
+    """Adam over an SAE's parameters, row-sparse on its latent-row parameters.
+
+    ``step(rows)`` updates the rows ``rows`` (int64, distinct) of W_enc, b_enc, W_dec and
+    log_threshold, and every other parameter (b_dec) densely. Moments are fp32 or bf16
+    (``moment_dtype``). ``state_dict`` / ``load_state_dict`` make it checkpointable.
+    """
+
+    def __init__(self, sae, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 moment_dtype: torch.dtype = torch.float32):
+        self.sae = sae
+        self.param_groups = [{"lr": lr}]
+        self.betas, self.eps, self.moment_dtype = betas, eps, moment_dtype
+        self.step_count = 0
+        self.state = {name: {"m": torch.zeros_like(p, dtype=moment_dtype), "v": torch.zeros_like(p, dtype=moment_dtype)}
+                      for name, p in sae.named_parameters()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sae.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def _adam(self, p: torch.Tensor, grad: torch.Tensor, state: dict, rows: torch.Tensor | None) -> None:
+        beta1, beta2 = self.betas
+        lr = self.param_groups[0]["lr"]
+        t = self.step_count
+        m_all, v_all = state["m"], state["v"]
+        m = (m_all if rows is None else m_all[rows]).float()
+        v = (v_all if rows is None else v_all[rows]).float()
+        g = grad.float()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + self.eps)
+        if rows is None:
+            m_all.copy_(m)
+            v_all.copy_(v)
+            p.sub_(lr * update.to(p.dtype))
+        else:
+            m_all[rows] = m.to(m_all.dtype)
+            v_all[rows] = v.to(v_all.dtype)
+            p[rows] = p[rows] - (lr * update).to(p.dtype)
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor) -> None:
+        """Update the latent rows ``rows`` [R] int64 (distinct) and the dense parameters."""
+        self.step_count += 1
+        named = dict(self.sae.named_parameters())
+        if named["W_dec"].grad is not None:  # fused: drop the gradient parallel to each row, then project
+            W, g = named["W_dec"], named["W_dec"].grad
+            g_rows, w_rows = g[rows], W[rows]
+            g[rows] = g_rows - (g_rows * w_rows).sum(1, keepdim=True) * w_rows
+        for name, p in named.items():
+            if p.grad is None:
+                continue
+            if name in LATENT_ROW_PARAMS:
+                self._adam(p, p.grad[rows], self.state[name], rows)
+            else:
+                self._adam(p, p.grad, self.state[name], None)
+        W = named["W_dec"]
+        W[rows] = W[rows] / W[rows].norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "lr": self.param_groups[0]["lr"],
+                "state": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.param_groups[0]["lr"] = state["step_count"], state["lr"]
+        for name, s in state["state"].items():
+            for key, value in s.items():
+                self.state[name][key].copy_(value)
+
+    def zero_rows_(self, rows: torch.Tensor) -> None:
+        """Reset the moments of latent rows ``rows`` (after resampling them)."""
+        for name, s in self.state.items():
+            if name in LATENT_ROW_PARAMS:
+                s["m"][rows] = 0
+                s["v"][rows] = 0
