@@ -1,0 +1,22 @@
+"""Vision backbones: adapters behind one registry, activation recording, and splicing an
+SAE back into a model."""
+
+from .base import Backbone, find_block_list, load_images
+from .families import REGISTRY, efficientnet_lite, load_backbone, open_clip_vision, timm_vit, transformers_vision
+from .record import record_activations
+from .splice import set_latent, splice
+
+__all__ = [
+    "REGISTRY",
+    "Backbone",
+    "efficientnet_lite",
+    "find_block_list",
+    "load_backbone",
+    "load_images",
+    "open_clip_vision",
+    "record_activations",
+    "set_latent",
+    "splice",
+    "timm_vit",
+    "transformers_vision",
+]

@@ -1,0 +1,143 @@
+"""Backbones: record from tiny random-initialized models of every family (and the real
+EfficientNet-Lite0 offline); shapes, token kinds, the token -> image/patch mapping;
+splicing with the error term reproduces outputs exactly, and an edit changes them."""
+
+import numpy as np
+import pytest
+import torch
+
+from saeengine import SAE, SAEConfig
+from saeengine.backbones import (efficientnet_lite, open_clip_vision, record_activations, set_latent, splice,
+                                 timm_vit, transformers_vision)
+from saeengine.store import ActivationStore
+
+transformers = pytest.importorskip("transformers", reason="the transformers backbones need transformers")
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8)
+
+
+def tiny_transformers(kind):
+    if kind == "clip":
+        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
+    if kind == "siglip":
+        return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY))
+    if kind == "dinov2":
+        return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=2))
+    return transformers.ViTModel(transformers.ViTConfig(**TINY))
+
+
+def tiny_timm():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0,
+                             reg_tokens=1)
+
+
+def tiny_open_clip():
+    open_clip = pytest.importorskip("open_clip")
+    return open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2,
+                                                              head_width=16),
+                                text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
+
+
+# (family, builder, expected prefix kinds, patches per image)
+FAMILIES = [
+    ("clip", lambda: transformers_vision(tiny_transformers("clip")), ["cls"], 16),
+    ("siglip", lambda: transformers_vision(tiny_transformers("siglip")), [], 16),
+    ("dinov2", lambda: transformers_vision(tiny_transformers("dinov2")), ["cls", "register", "register"], 16),
+    ("vit", lambda: transformers_vision(tiny_transformers("vit")), ["cls"], 16),
+    ("timm", lambda: timm_vit(tiny_timm()), ["cls", "register"], 16),
+    ("open_clip", lambda: open_clip_vision(tiny_open_clip()), ["cls"], 16),
+]
+
+
+def random_images(n, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def hidden_after(backbone, layer, pixels):
+    caught = {}
+    handle = backbone.layer_module(layer).register_forward_hook(lambda m, i, o: caught.setdefault("t", backbone.to_tokens(o)))
+    with torch.no_grad():
+        out = backbone.forward(pixels)
+    handle.remove()
+    return caught["t"], out
+
+
+def output_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state
+
+
+@pytest.mark.parametrize("name,build,prefix,patches", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_record_shapes_kinds_and_sources(tmp_path, name, build, prefix, patches):
+    torch.manual_seed(0)
+    backbone = build()
+    assert backbone.token_kinds(len(prefix) + patches) == prefix + ["patch"] * patches
+    images = random_images(5)
+    stores = record_activations(backbone, images, ["blocks.0", "blocks.1"], tmp_path, keep=("patch",),
+                                batch_size=2, dtype="float32", progress=False)
+    tokens, _ = hidden_after(backbone, "blocks.1", backbone.preprocess(images))
+    store = ActivationStore(stores["blocks.1"])
+    assert store.n_tokens == 5 * patches and store.d_in == tokens.shape[2]
+    assert store.meta.extra["token_kinds"] == prefix + ["patch"] * patches
+    rows = np.array([0, patches - 1, 3 * patches + 7])
+    image, position = store.sources(rows)
+    assert image.tolist() == [0, 0, 3] and position.tolist() == [len(prefix), len(prefix) + patches - 1, len(prefix) + 7]
+    for row, img, pos in zip(rows, image, position):  # the stored token is that image's token at that position
+        torch.testing.assert_close(store.get([row])[0], tokens[img, pos], rtol=1e-5, atol=1e-5)
+    if "register" in prefix:  # registers excluded unless asked for
+        with_reg = record_activations(backbone, images[:1], ["blocks.0"], tmp_path / "reg",
+                                      keep=("register",), progress=False)
+        assert ActivationStore(with_reg["blocks.0"]).n_tokens == prefix.count("register")
+
+
+@pytest.mark.parametrize("name,build,prefix,patches", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_splice_with_error_term_is_exact_and_edits_change_output(name, build, prefix, patches):
+    torch.manual_seed(0)
+    backbone = build()
+    pixels = backbone.preprocess(random_images(2))
+    tokens, reference = hidden_after(backbone, "blocks.0", pixels)
+    sae = SAE(SAEConfig(d_in=tokens.shape[2], d_sae=64, k=4), seed=0)
+    with torch.no_grad():
+        with splice(backbone, "blocks.0", sae):
+            same = backbone.forward(pixels)
+        assert torch.equal(output_tensor(same), output_tensor(reference))
+        latent = int(sae.encode(tokens.reshape(-1, tokens.shape[2])).indices[0, 0])
+        with splice(backbone, "blocks.0", sae, edit=set_latent(latent, 50.0)):
+            edited = backbone.forward(pixels)
+        assert not torch.allclose(output_tensor(edited), output_tensor(reference))
+        with splice(backbone, "blocks.0", sae, error_term=False):
+            recon_only = backbone.forward(pixels)
+        assert not torch.equal(output_tensor(recon_only), output_tensor(reference))
+    with torch.no_grad():  # the hook is gone after the block
+        assert torch.equal(output_tensor(backbone.forward(pixels)), output_tensor(reference))
+
+
+def test_efficientnet_lite0_records_real_images_offline(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 needs efficientnet_lite_pytorch")
+    skimage_data = pytest.importorskip("skimage.data")
+    backbone = efficientnet_lite()
+    images = [skimage_data.chelsea(), skimage_data.coffee()]
+    with torch.no_grad():
+        logits = backbone.forward(backbone.preprocess(images))
+    assert logits.argmax(1).tolist() == [285, 967]  # Egyptian cat, espresso: the real weights loaded
+    stores = record_activations(backbone, images, ["blocks.5"], tmp_path, progress=False)
+    store = ActivationStore(stores["blocks.5"])
+    grid = store.meta.extra["tokens_per_image"]
+    assert store.n_tokens == 2 * grid and store.d_in == 80 and grid == 14 * 14
+    assert store.sources([grid + 3])[0].tolist() == [1]
+
+
+def test_layer_names_and_errors():
+    backbone = transformers_vision(tiny_transformers("vit"))
+    assert backbone.layer_names() == ["blocks.0", "blocks.1"]
+    with pytest.raises(ValueError, match=r"blocks.0 .. blocks.1; got 'blocks.7'"):
+        backbone.layer_module("blocks.7")
+    from saeengine.backbones import load_backbone
+    with pytest.raises(ValueError, match="unknown backbone family 'resnet'"):
+        load_backbone("resnet", "x")
+    with pytest.raises(RuntimeError, match="local paths; a hub name works only on a machine that is online"):
+        load_backbone("transformers", "/nonexistent/model-folder")
