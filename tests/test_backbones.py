@@ -141,3 +141,62 @@ def test_layer_names_and_errors():
         load_backbone("resnet", "x")
     with pytest.raises(RuntimeError, match="local paths; a hub name works only on a machine that is online"):
         load_backbone("transformers", "/nonexistent/model-folder")
+
+
+def tiny_text_encoder():
+    config = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=99, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return transformers.CLIPTextModel(config)
+
+
+def tiny_llava():
+    vision = transformers.CLIPVisionConfig(**TINY)
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, vocab_size=128, pad_token_id=0)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=100,
+                                      vision_feature_select_strategy="default", vision_feature_layer=-1,
+                                      image_seq_length=16)
+    return transformers.LlavaForConditionalGeneration(config)
+
+
+def test_text_encoder_records_per_prompt_token(tmp_path):
+    from saeengine.backbones import text_encoder
+    torch.manual_seed(0)
+    backbone = text_encoder(tiny_text_encoder())
+    prompts = [[0, 5, 6, 7, 2], [0, 9, 2]]  # bos ... eos, token ids (a tokenizer makes these from strings)
+    kinds = backbone.sample_token_kinds(backbone.preprocess(prompts), 5)
+    assert kinds == [["bos", "text", "text", "text", "eos"], ["bos", "text", "eos", "pad", "pad"]]
+    stores = record_activations(backbone, prompts, ["blocks.1"], tmp_path, keep=("text", "eos"), dtype="float32",
+                                progress=False)
+    store = ActivationStore(stores["blocks.1"])
+    assert store.n_tokens == 4 + 2
+    prompt, position = store.sources(np.arange(6))
+    assert prompt.tolist() == [0, 0, 0, 0, 1, 1] and position.tolist() == [1, 2, 3, 4, 1, 2]
+    inputs = backbone.preprocess(prompts)
+    tokens, _ = hidden_after(backbone, "blocks.1", inputs)
+    torch.testing.assert_close(store.get([5])[0], tokens[1, 2])
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, k=4), seed=0)
+    with torch.no_grad(), splice(backbone, "blocks.0", sae):
+        spliced = backbone.forward(inputs)
+    _, reference = hidden_after(backbone, "blocks.0", inputs)
+    assert torch.equal(spliced.last_hidden_state, reference.last_hidden_state)
+    with pytest.raises(ValueError, match="prompts need a tokenizer"):
+        backbone.preprocess(["a photo of a cat"])
+
+
+def test_llava_labels_image_and_text_tokens(tmp_path):
+    from saeengine.backbones import llava
+    torch.manual_seed(0)
+    backbone = llava(tiny_llava())
+    example = {"input_ids": [1, 5, 6] + [100] * 16 + [7, 8], "pixel_values": torch.randn(1, 3, 32, 32)}
+    short = {"input_ids": [1, 9] + [100] * 16, "pixel_values": torch.randn(1, 3, 32, 32)}
+    inputs = backbone.preprocess([example, short])
+    kinds = backbone.sample_token_kinds(inputs, 21)
+    assert kinds[0] == ["text"] * 3 + ["image"] * 16 + ["text"] * 2
+    assert kinds[1] == ["text"] * 2 + ["image"] * 16 + ["pad"] * 3
+    stores = record_activations(backbone, [example, short], ["blocks.1"], tmp_path, keep=("image", "text"),
+                                dtype="float32", progress=False)
+    store = ActivationStore(stores["blocks.1"])
+    assert store.n_tokens == 21 + 18 and store.d_in == 32
+    assert store.sources([21])[0].tolist() == [1] and store.sources([21])[1].tolist() == [0]

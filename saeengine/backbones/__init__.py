@@ -4,19 +4,24 @@ SAE back into a model."""
 from .base import Backbone, find_block_list, load_images
 from .families import REGISTRY, efficientnet_lite, load_backbone, open_clip_vision, timm_vit, transformers_vision
 from .record import record_activations
+from .sequence import MultimodalBackbone, TextEncoderBackbone, llava, text_encoder
 from .splice import set_latent, splice
 
 __all__ = [
     "REGISTRY",
     "Backbone",
+    "MultimodalBackbone",
+    "TextEncoderBackbone",
     "efficientnet_lite",
     "find_block_list",
     "load_backbone",
+    "llava",
     "load_images",
     "open_clip_vision",
     "record_activations",
     "set_latent",
     "splice",
+    "text_encoder",
     "timm_vit",
     "transformers_vision",
 ]

@@ -108,6 +108,21 @@ class Backbone:
         """The kind of every token position: the prefix kinds, then "patch"."""
         return self.prefix_kinds + ["patch"] * (n_tokens - len(self.prefix_kinds))
 
+    def sample_token_kinds(self, inputs, n_tokens: int) -> list[list[str]]:
+        """Token kinds per sample of a preprocessed batch (text and multimodal models
+        label positions from their input ids)."""
+        batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
+        return [self.token_kinds(n_tokens)] * batch
+
+    def load_inputs(self, items) -> list:
+        """What record_activations iterates over: images, for image models."""
+        return load_images(items)
+
+    def inputs_to(self, inputs, device: torch.device):
+        if isinstance(inputs, torch.Tensor):
+            return inputs.to(device)
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+
     # ----- images ------------------------------------------------------------------------
     def preprocess(self, images) -> torch.Tensor:
         """Images -> [B, 3, image_size, image_size] normalized float32."""

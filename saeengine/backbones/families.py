@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, find_block_list
+from .sequence import llava, text_encoder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -117,6 +118,8 @@ REGISTRY = {
     "transformers": transformers_vision,
     "timm": timm_vit,
     "open_clip": open_clip_vision,
+    "text-encoder": text_encoder,
+    "llava": llava,
 }
 
 

@@ -10,21 +10,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ..store import ActivationWriter
-from .base import Backbone, load_images
+from .base import Backbone
 
 
 def record_activations(backbone: Backbone, images, layers: Sequence[str], out_dir: str | Path, *,
                        keep: Sequence[str] = ("patch",), batch_size: int = 32, dtype: str = "float16",
                        shard_tokens: int = 1 << 18, progress: bool = True) -> dict[str, Path]:
-    """Write the tokens of ``keep`` kinds (cls, register, patch) at every layer in ``layers``
-    to out_dir/<layer>/, an activation store each. Returns {layer: store directory}.
+    """Write the tokens of ``keep`` kinds at every layer in ``layers`` to out_dir/<layer>/,
+    an activation store each. Returns {layer: store directory}.
 
-    images: a folder, a list of files, or a list of PIL images / HxWxC uint8 arrays.
+    Kinds: cls, register, patch (vision models); bos, text, eos, pad (text encoders);
+    image, text (multimodal LLMs). Each token's source is (image or prompt index, position).
+    images: a folder, a list of files, or a list of PIL images / HxWxC uint8 arrays; for
+    text and multimodal backbones, what their ``load_inputs`` takes (prompts, examples).
     Runs on the backbone's device, under torch.no_grad, with one forward hook per layer.
     """
-    images = load_images(images)
-    if not images:
-        raise ValueError("no images to record")
+    items = backbone.load_inputs(images)
+    if not items:
+        raise ValueError("nothing to record: no images (or prompts)")
     out_dir = Path(out_dir)
     modules = {layer: backbone.layer_module(layer) for layer in layers}
     caught: dict[str, torch.Tensor] = {}
@@ -32,28 +35,27 @@ def record_activations(backbone: Backbone, images, layers: Sequence[str], out_di
              for layer, module in modules.items()]
     writers: dict[str, ActivationWriter] = {}
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc=f"record {backbone.name}", unit="batch",
+        for start in tqdm(range(0, len(items), batch_size), desc=f"record {backbone.name}", unit="batch",
                           disable=not progress):
-            chunk = images[start:start + batch_size]
+            inputs = backbone.preprocess(items[start:start + batch_size])
             caught.clear()
             with torch.no_grad():
-                backbone.forward(backbone.preprocess(chunk).to(backbone.device))
+                backbone.forward(backbone.inputs_to(inputs, backbone.device))
             for layer in layers:
                 tokens = caught[layer]  # [B, T, d]
-                kinds = backbone.token_kinds(tokens.shape[1])
-                positions = torch.tensor([i for i, kind in enumerate(kinds) if kind in keep], dtype=torch.long)
-                if positions.numel() == 0:
-                    raise ValueError(f"{backbone.name} {layer}: no token of kinds {list(keep)} (it has {sorted(set(kinds))})")
+                kinds = backbone.sample_token_kinds(inputs, tokens.shape[1])
                 if layer not in writers:
                     writers[layer] = ActivationWriter(
                         out_dir / layer, d_in=tokens.shape[2], dtype=dtype, backbone=backbone.name, layer=layer,
                         token_kind="+".join(keep), shard_tokens=shard_tokens,
-                        extra={"tokens_per_image": int(positions.numel()), "sequence_length": int(tokens.shape[1]),
-                               "token_kinds": kinds, "image_size": backbone.image_size})
-                kept = tokens[:, positions.to(tokens.device)]
-                b = kept.shape[0]
-                image_index = (start + torch.arange(b)).repeat_interleave(positions.numel())
-                writers[layer].add(kept.reshape(-1, kept.shape[2]), image_index, positions.repeat(b))
+                        extra={"sequence_length": int(tokens.shape[1]), "token_kinds": kinds[0],
+                               "tokens_per_image": sum(kind in keep for kind in kinds[0]),
+                               "image_size": getattr(backbone, "image_size", None)})
+                for b, sample_kinds in enumerate(kinds):
+                    positions = torch.tensor([i for i, kind in enumerate(sample_kinds) if kind in keep], dtype=torch.long)
+                    if positions.numel():
+                        writers[layer].add(tokens[b, positions.to(tokens.device)], torch.full_like(positions, start + b),
+                                           positions)
         for writer in writers.values():
             writer.close()
     finally:
