@@ -1,4 +1,4 @@
-"""Command line: ``saeengine demo`` (the embedded default job) and ``saeengine train``.
+"""Command line: ``saeengine demo`` (the embedded default job), ``demo-synthetic`` and ``train``.
 
 Options come from the fields of the config dataclasses; each field's docstring is its help.
 """
@@ -60,14 +60,22 @@ def _sweep_configs(base, sweep: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
+    from .demo_synthetic import SyntheticDemoConfig
 
     parser = argparse.ArgumentParser(prog="saeengine", description="Fast sparse autoencoders for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a TopK SAE on a planted sparse dictionary and report recovery",
-                          description="Train a TopK SAE on synthetic activations built from a planted sparse "
-                                      "dictionary; print FVU, L0, dead fraction and dictionary recovery.")
+    demo = sub.add_parser("demo", help="record EfficientNet-Lite0 features of bundled images, train an SAE, "
+                                       "write an HTML report",
+                          description="The embedded default job, offline: record EfficientNet-Lite0 features of "
+                                      "the 5000 MNIST digits and the scikit-image photos, train a TopK SAE, print "
+                                      "FVU, L0 and dead %, and write an HTML report of the strongest latents.")
     add_dataclass_options(demo, DemoConfig)
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    synthetic = sub.add_parser("demo-synthetic", help="train a TopK SAE on a planted sparse dictionary",
+                               description="Train a TopK SAE on synthetic activations built from a planted sparse "
+                                           "dictionary; print FVU, L0, dead fraction and dictionary recovery.")
+    add_dataclass_options(synthetic, SyntheticDemoConfig)
+    synthetic.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     from .trainer import TrainConfig
 
@@ -87,8 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
 
-        cfg = _dataclass_from_args(DemoConfig, args)
-        report = run_demo(cfg, progress=not args.no_progress)
+        report = run_demo(_dataclass_from_args(DemoConfig, args), progress=not args.no_progress)
+        print(json.dumps(report, indent=2))
+        print(f"\nFVU {report['fvu']:.4f} | L0 {report['l0']:.2f} | dead {report['dead_fraction']:.1%} | "
+              f"{report['total_seconds']:.0f} s\nreport: {report['report']}")
+        return 0
+    if args.command == "demo-synthetic":
+        from .demo_synthetic import SyntheticDemoConfig, run_synthetic_demo
+
+        report = run_synthetic_demo(_dataclass_from_args(SyntheticDemoConfig, args), progress=not args.no_progress)
         print(json.dumps(report, indent=2))
         print(f"\nFVU {report['fvu']:.4f} | L0 {report['l0']:.2f} | dead {report['dead_fraction']:.1%} | "
               f"planted-dictionary recovery (mean max cos) {report['recovery_mean_max_cos']:.3f} | "

@@ -1,17 +1,76 @@
-"""The README's main job and the install layout."""
+"""The README's main job (the vision demo and its report), the synthetic demo, and the
+install layout."""
 
+import html.parser
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from saeengine import SAE
 from saeengine.demo import DemoConfig, run_demo
+from saeengine.demo_synthetic import SyntheticDemoConfig, run_synthetic_demo
 from saeengine.synthetic import dictionary_recovery, planted_dictionary
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def test_demo_recovers_planted_dictionary(tmp_path):
-    report = run_demo(DemoConfig(tokens=60_000, steps=800, device="cpu", out=str(tmp_path / "demo")), progress=False)
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(mnist_images=300, d_sae=256, total_tokens=60_000, latents_shown=4, images_per_latent=3,
+                     device="cpu", out=str(out))
+    return run_demo(cfg, progress=False), out
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.problems = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in ("meta", "br", "polyline"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in ("polyline",):
+            return
+        if not self.stack or self.stack.pop() != tag:
+            self.problems.append(f"unbalanced </{tag}>")
+
+
+def test_vision_demo_trains_and_writes_a_self_contained_report(small_demo):
+    report, out = small_demo
+    photo_tokens = report["tokens"] - 300 * 3 * 3  # digits at 48 px: a 3x3 map at stride 16
+    assert photo_tokens > 0 and photo_tokens % 64 == 0  # photos at 128 px: 8x8 each
+    assert report["fvu"] < 0.5 and abs(report["l0"] - 8) < 1e-6
+    assert SAE.load(report["checkpoint"]).cfg.d_sae == 256
+    page = Path(report["report"]).read_text()
+    parser = _Tags()
+    parser.feed(page)
+    assert not parser.problems and not parser.stack
+    assert page.count('<section class="latent">') == 4
+    assert len(parser.images) >= 4 and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert page.count("<svg") == 2 and "fvu" in page
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")),
+                    reason="no Chromium installed; scripts/check_report_in_browser.py checks the report where one is")
+def test_report_opens_in_headless_chromium(small_demo, tmp_path):
+    report, _ = small_demo
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_report_in_browser.py"), report["report"],
+                           "--screenshot", str(tmp_path / "shot.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_synthetic_demo_recovers_planted_dictionary(tmp_path):
+    report = run_synthetic_demo(SyntheticDemoConfig(tokens=60_000, steps=800, device="cpu",
+                                                    out=str(tmp_path / "demo")), progress=False)
     assert report["recovery_mean_max_cos"] >= 0.9
     assert report["fvu"] < 0.2 and abs(report["l0"] - 4) < 1e-6
     assert SAE.load(report["checkpoint"]).cfg.d_sae == 512
@@ -27,7 +86,10 @@ def test_recovery_metric_can_fail():
 def test_cli_help_lists_demo_options():
     out = subprocess.run([sys.executable, "-m", "saeengine.cli", "demo", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    assert "--d-sae" in out.stdout and "SAE latents" in out.stdout
+    assert "--mnist-images" in out.stdout and "MNIST digits recorded" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "saeengine.cli", "demo-synthetic", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "Planted dictionary size" in out.stdout
 
 
 def test_kernels_install_as_subpackage_only(tmp_path):

@@ -13,9 +13,14 @@ from ..store import ActivationWriter
 from .base import Backbone
 
 
+class _StopForward(Exception):
+    """Raised by the deepest layer's hook to end a forward pass early."""
+
+
 def record_activations(backbone: Backbone, images, layers: Sequence[str], out_dir: str | Path, *,
                        keep: Sequence[str] = ("patch",), batch_size: int = 32, dtype: str = "float16",
-                       shard_tokens: int = 1 << 18, progress: bool = True) -> dict[str, Path]:
+                       shard_tokens: int = 1 << 18, progress: bool = True, stop_early: bool = True
+                       ) -> dict[str, Path]:
     """Write the tokens of ``keep`` kinds at every layer in ``layers`` to out_dir/<layer>/,
     an activation store each. Returns {layer: store directory}.
 
@@ -24,6 +29,8 @@ def record_activations(backbone: Backbone, images, layers: Sequence[str], out_di
     images: a folder, a list of files, or a list of PIL images / HxWxC uint8 arrays; for
     text and multimodal backbones, what their ``load_inputs`` takes (prompts, examples).
     Runs on the backbone's device, under torch.no_grad, with one forward hook per layer.
+    ``stop_early`` ends each forward pass at the deepest recorded block (of models whose
+    blocks run in sequence), skipping the blocks and heads nobody reads.
     """
     items = backbone.load_inputs(images)
     if not items:
@@ -31,7 +38,14 @@ def record_activations(backbone: Backbone, images, layers: Sequence[str], out_di
     out_dir = Path(out_dir)
     modules = {layer: backbone.layer_module(layer) for layer in layers}
     caught: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda mod, inp, out, layer=layer: caught.__setitem__(layer, backbone.to_tokens(out)))
+    deepest = max(layers, key=lambda layer: int(layer.split(".")[1]) % len(backbone.blocks))
+
+    def catch(module, inputs, output, layer):
+        caught[layer] = backbone.to_tokens(output)
+        if stop_early and layer == deepest:
+            raise _StopForward
+
+    hooks = [module.register_forward_hook(lambda mod, inp, out, layer=layer: catch(mod, inp, out, layer))
              for layer, module in modules.items()]
     writers: dict[str, ActivationWriter] = {}
     try:
@@ -40,7 +54,10 @@ def record_activations(backbone: Backbone, images, layers: Sequence[str], out_di
             inputs = backbone.preprocess(items[start:start + batch_size])
             caught.clear()
             with torch.no_grad():
-                backbone.forward(backbone.inputs_to(inputs, backbone.device))
+                try:
+                    backbone.forward(backbone.inputs_to(inputs, backbone.device))
+                except _StopForward:
+                    pass
             for layer in layers:
                 tokens = caught[layer]  # [B, T, d]
                 kinds = backbone.sample_token_kinds(inputs, tokens.shape[1])
