@@ -200,3 +200,43 @@ def test_llava_labels_image_and_text_tokens(tmp_path):
     store = ActivationStore(stores["blocks.1"])
     assert store.n_tokens == 21 + 18 and store.d_in == 32
     assert store.sources([21])[0].tolist() == [1] and store.sources([21])[1].tolist() == [0]
+
+
+@pytest.mark.parametrize("subfolder", ["text_encoder", "text_encoder_2"])
+def test_text_encoders_load_from_a_local_diffusion_pipeline_folder(tmp_path, subfolder):
+    """A diffusers pipeline folder: text_encoder (CLIPTextModel) and, in SDXL-style
+    pipelines, text_encoder_2 (CLIPTextModelWithProjection)."""
+    from saeengine.backbones import load_backbone
+    torch.manual_seed(0)
+    model = tiny_text_encoder()
+    if subfolder == "text_encoder_2":
+        model = transformers.CLIPTextModelWithProjection(model.config)
+    model.save_pretrained(tmp_path / "pipeline" / subfolder)
+    backbone = load_backbone("text-encoder", tmp_path / "pipeline", subfolder=subfolder)
+    assert backbone.name == f"text-encoder:{subfolder}"
+    inputs = backbone.preprocess([[0, 5, 2]])
+    tokens, _ = hidden_after(backbone, "blocks.1", inputs)
+    reference, _ = hidden_after(text_encoder_instance(model), "blocks.1", inputs)
+    assert torch.equal(tokens, reference)
+    with pytest.raises(FileNotFoundError, match="pass a local pipeline folder"):
+        load_backbone("text-encoder", tmp_path / "nowhere")
+
+
+def text_encoder_instance(model):
+    from saeengine.backbones import text_encoder
+    return text_encoder(model)
+
+
+def test_llava_splice_with_error_term_is_exact(tmp_path):
+    from saeengine.backbones import llava
+    torch.manual_seed(0)
+    backbone = llava(tiny_llava())
+    inputs = backbone.preprocess([{"input_ids": [1, 5] + [100] * 16 + [7], "pixel_values": torch.randn(1, 3, 32, 32)}])
+    _, reference = hidden_after(backbone, "blocks.0", inputs)
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, k=4), seed=0)
+    with torch.no_grad(), splice(backbone, "blocks.0", sae):
+        spliced = backbone.forward(inputs)
+    assert torch.equal(spliced.logits, reference.logits)
+    with torch.no_grad(), splice(backbone, "blocks.0", sae, edit=set_latent(3, 25.0)):
+        edited = backbone.forward(inputs)
+    assert not torch.allclose(edited.logits, reference.logits)
