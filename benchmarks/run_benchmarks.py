@@ -124,11 +124,10 @@ def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str 
             torch.cuda.empty_cache()
 
 
-def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
-    x = torch.randn(n, d, device=device, dtype=dtype)
-    sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device=device, seed=0)
-    W, b = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
-    row: dict = {"N": n, "F": f, "d": d, "k": k, "dtype": str(dtype).removeprefix("torch.")}
+def _gemm_and_encode(row: dict, x: torch.Tensor, sae: SAE, k: int, device: torch.device) -> None:
+    """The GEMM alone and encode (no grad) per backend; the cast weights die on return."""
+    n, f, d = x.shape[0], sae.cfg.d_sae, sae.cfg.d_in
+    W, b = sae.W_enc.detach().to(x.dtype), sae.b_enc.detach().to(x.dtype)
     measure_into(row, "gemm_ms", lambda: x @ W.T, device)
     if isinstance(row["gemm_ms"], float):
         row["gemm_tflops"] = 2 * n * f * d / row["gemm_ms"] / 1e9
@@ -140,6 +139,13 @@ def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
                          lambda: ops.topk_encode(x, W, b, k, backend="triton", check=False), device)
             if isinstance(row.get("encode_triton_ms"), float) and isinstance(row.get("gemm_ms"), float):
                 row["encode_over_gemm"] = row["encode_triton_ms"] / row["gemm_ms"]
+
+
+def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
+    x = torch.randn(n, d, device=device, dtype=dtype)
+    sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device=device, seed=0)
+    row: dict = {"N": n, "F": f, "d": d, "k": k, "dtype": str(dtype).removeprefix("torch.")}
+    _gemm_and_encode(row, x, sae, k, device)
     coder = sparsify_coder(d, f, k, device)
     if coder is not None:
         def sparsify_encode():
@@ -150,7 +156,6 @@ def encode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
     # Forward + backward with AuxK over 10% dead latents, bf16 autocast, no optimizer step.
     dead = torch.rand(f, device=device) < 0.1
     xf = x.float()
-    del W, b
 
     def step(backend):
         def run():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ._atomic import atomic_write
 from .config import SAEConfig
 
 FORMAT = "saeengine.sae"
@@ -29,18 +29,6 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or inconsistent; the message names it."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _state_tensors(sae) -> dict[str, torch.Tensor]:
@@ -54,7 +42,7 @@ def save_sae(sae, directory: str | Path, provenance: dict | None = None) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _state_tensors(sae)
     checkpoint_id = uuid.uuid4().hex
-    _atomic_write(directory / WEIGHTS_FILE,
+    atomic_write(directory / WEIGHTS_FILE,
                   lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "checkpoint_id": checkpoint_id}))
     config = {
         "format": FORMAT,
@@ -72,7 +60,7 @@ def save_sae(sae, directory: str | Path, provenance: dict | None = None) -> Path
             **(provenance or {}),
         },
     }
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

@@ -68,11 +68,16 @@ def record_activations(backbone: Backbone, images, layers: Sequence[str], out_di
                         extra={"sequence_length": int(tokens.shape[1]), "token_kinds": kinds[0],
                                "tokens_per_image": sum(kind in keep for kind in kinds[0]),
                                "image_size": getattr(backbone, "image_size", None)})
-                for b, sample_kinds in enumerate(kinds):
+                # Image models share one layout per batch: one gather for all samples.
+                layouts = [kinds[0]] if all(k == kinds[0] for k in kinds) else kinds
+                for b, sample_kinds in enumerate(layouts):
                     positions = torch.tensor([i for i, kind in enumerate(sample_kinds) if kind in keep], dtype=torch.long)
+                    samples = torch.arange(tokens.shape[0]) if len(layouts) == 1 else torch.tensor([b])
                     if positions.numel():
-                        writers[layer].add(tokens[b, positions.to(tokens.device)], torch.full_like(positions, start + b),
-                                           positions)
+                        kept = tokens[samples.to(tokens.device)][:, positions.to(tokens.device)]
+                        writers[layer].add(kept.reshape(-1, kept.shape[2]),
+                                           (start + samples).repeat_interleave(positions.numel()),
+                                           positions.repeat(samples.numel()))
         for writer in writers.values():
             writer.close()
     finally:

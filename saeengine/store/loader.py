@@ -45,6 +45,26 @@ def epoch_batches(n_tokens: int, batch_size: int, seed: int, epoch: int, *, bloc
         yield carry
 
 
+def batch_positions(n_tokens: int, batch_size: int, seed: int, *, epoch: int = 0, skip: int = 0,
+                    epochs: int | None = None, shuffle: bool = True, drop_last: bool = True, block_rows: int = 256,
+                    pool_blocks: int = 128) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(epoch, batch number, token ids) of every batch from (epoch, skip) on, until
+    ``epochs`` (None: forever). Shuffled batches come from :func:`epoch_batches`; ordered
+    ones are consecutive ids. Resuming replays this arithmetic; no data is read."""
+    while epochs is None or epoch < epochs:
+        if shuffle:
+            rows = epoch_batches(n_tokens, batch_size, seed, epoch, block_rows=block_rows, pool_blocks=pool_blocks,
+                                 drop_last=drop_last)
+        else:
+            stop = n_tokens - n_tokens % batch_size if drop_last else n_tokens
+            rows = (np.arange(start, min(start + batch_size, n_tokens), dtype=np.int64)
+                    for start in range(0, stop, batch_size))
+        for b, batch in enumerate(rows):
+            if b >= skip:
+                yield epoch, b, batch
+        epoch, skip = epoch + 1, 0
+
+
 class ActivationLoader:
     """Iterates over [batch_size, d_in] tensors from an :class:`ActivationStore`.
 
@@ -96,24 +116,11 @@ class ActivationLoader:
                              f"this loader has {self.batch_size}")
         self.seed, self.epoch, self.batch_in_epoch = state["seed"], state["epoch"], state["batch_in_epoch"]
 
-    def _epoch_rows(self, epoch: int) -> Iterator[np.ndarray]:
-        n = self.store.n_tokens
-        if self.shuffle:
-            yield from epoch_batches(n, self.batch_size, self.seed, epoch, block_rows=self.block_rows,
-                                     pool_blocks=self.pool_blocks, drop_last=self.drop_last)
-            return
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            yield np.arange(start, min(start + self.batch_size, n), dtype=np.int64)
-
     def _positions(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, batch number, token ids) from the current position on."""
-        epoch, skip = self.epoch, self.batch_in_epoch
-        while self.epochs is None or epoch < self.epochs:
-            for b, rows in enumerate(self._epoch_rows(epoch)):
-                if b >= skip:
-                    yield epoch, b, rows
-            epoch, skip = epoch + 1, 0
+        return batch_positions(self.store.n_tokens, self.batch_size, self.seed, epoch=self.epoch,
+                               skip=self.batch_in_epoch, epochs=self.epochs, shuffle=self.shuffle,
+                               drop_last=self.drop_last, block_rows=self.block_rows, pool_blocks=self.pool_blocks)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         pinned = self.device.type == "cuda"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metadata import (DTYPES, SOURCE_COLUMNS, ShardInfo, StoreError, StoreMetadata, file_digest,
-                       fsync_directory, shard_paths)
+from .._atomic import fsync_directory
+from .metadata import DTYPES, SOURCE_COLUMNS, ShardInfo, StoreError, StoreMetadata, file_digest, shard_paths
 
 log = logging.getLogger("saeengine")
 

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..sae import SAE
-from ..store.metadata import atomic_write_bytes, fsync_directory
+from .._atomic import atomic_write_bytes, fsync_directory
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"

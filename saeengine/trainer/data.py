@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..store import ActivationLoader, ActivationStore, epoch_batches
+from ..store import ActivationLoader, ActivationStore, batch_positions
 
 INIT_SAMPLE_TOKENS = 65536
 
@@ -35,13 +35,10 @@ class TensorBatches:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            for b, rows in enumerate(epoch_batches(self.data.shape[0], self.batch_size, self.seed, self.epoch)):
-                if b < self.batch_in_epoch:
-                    continue
-                self.batch_in_epoch = b + 1
-                yield self.data[torch.from_numpy(rows)].to(self.device, torch.float32)
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        for epoch, b, rows in batch_positions(self.data.shape[0], self.batch_size, self.seed, epoch=self.epoch,
+                                              skip=self.batch_in_epoch):
+            self.epoch, self.batch_in_epoch = epoch, b + 1
+            yield self.data[torch.from_numpy(rows)].to(self.device, torch.float32)
 
 
 class StoreBatches:
