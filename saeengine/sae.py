@@ -140,10 +140,12 @@ class SAE(nn.Module):
         """The named parameters in the compute dtype (a no-op without autocast)."""
         return tuple(getattr(self, name).to(dtype) for name in names)
 
-    def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str) -> SparseCode:
+    def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str,
+                           k: int | None = None) -> SparseCode:
         cfg = self.cfg
+        k = k or cfg.k
         if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
-            return ops.topk_encode(xn, self.W_enc, self.b_enc, cfg.k, b_pre=self.b_dec, dead_mask=dead_mask,
+            return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_mask=dead_mask,
                                    k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
                                    backend=backend, check=False)
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
@@ -159,19 +161,19 @@ class SAE(nn.Module):
             code.penalty = step_l0(pre, threshold, cfg.jumprelu_bandwidth).float().sum(1).mean()
             return code
         act = torch.relu(pre)
-        code = self._batchtopk(act)
+        code = self._batchtopk(act, k)
         dead, k_dead = ops.dead_latent_list(dead_mask, cfg.effective_k_aux)
         if dead is not None:
             values, positions = act[:, dead].topk(k_dead, dim=1)
             code.aux = SparseCode(values, dead[positions])
         return code
 
-    def _batchtopk(self, act: torch.Tensor) -> SparseCode:
+    def _batchtopk(self, act: torch.Tensor, k: int) -> SparseCode:
         n = act.shape[0]
         if not self.training and not bool(torch.isnan(self.threshold)):
             return _padded_code(torch.where(act > self.threshold.to(act.dtype), act, torch.zeros_like(act)))
         flat = act.reshape(-1)
-        values, positions = flat.topk(min(n * self.cfg.k, flat.numel()))
+        values, positions = flat.topk(min(n * k, flat.numel()))
         kept = torch.zeros_like(flat).scatter(0, positions, values).reshape(act.shape)
         if self.training:
             with torch.no_grad():  # EMA of the smallest kept activation, with no host sync
@@ -198,9 +200,13 @@ class SAE(nn.Module):
         return self.denormalize(out)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
-                backend: str = "auto", check: bool = True) -> ForwardOutput:
-        """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk)."""
+                backend: str = "auto", check: bool = True, k: int | None = None) -> ForwardOutput:
+        """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk);
+        ``k`` overrides cfg.k for this call (k annealing in the trainer)."""
         self._check_input(x, check)
+        if k is not None and (self.cfg.architecture not in ("topk", "batchtopk") or not 1 <= k <= self.cfg.d_sae):
+            raise ValueError(f"k={k} applies to topk and batchtopk SAEs and must lie in [1, d_sae={self.cfg.d_sae}]"
+                             f" (this SAE is {self.cfg.architecture!r})")
         if dead_mask is not None:
             if self.cfg.architecture not in ("topk", "batchtopk"):
                 raise ValueError(f"dead_mask/AuxK applies to topk and batchtopk SAEs, not {self.cfg.architecture!r}")
@@ -209,7 +215,7 @@ class SAE(nn.Module):
                 raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        code = self._encode_normalized(xn, dead_mask, backend)
+        code = self._encode_normalized(xn, dead_mask, backend, k)
         W_dec_c = ops.compute_copy(self.W_dec, code.values.dtype)  # shared by both decodes
         x_hat = ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec, backend=backend,
                                   latent_index=code.latent_index, weight_compute=W_dec_c, check=False)

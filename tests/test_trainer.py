@@ -152,3 +152,92 @@ def test_row_sparse_adam_with_resampling_recovers_atoms(tmp_path, planted):
     sae = saeengine.train(planted.activations, cfg)
     assert dictionary_recovery(planted.atoms, sae.W_dec) >= 0.9
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-5)
+
+
+def _metric_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auxk_revives_dead_latents(tmp_path):
+    """A setting built to have dead latents: an SAE with as many latents as planted atoms
+    whose first half starts with encoder rows shrunk 20x, so those latents never win the
+    top-k and the live half cannot cover every atom. Without AuxK they never receive a
+    gradient and stay dead; AuxK trains them on the residual until they fire."""
+    data = planted_dictionary(40_000, 32, 128, 4, seed=1)
+    start = saeengine.SAE(saeengine.SAEConfig(d_in=32, d_sae=128, k=4), seed=0)
+    saeengine.trainer.init_from_sample(start, data.activations[:4096], "geometric_median")
+    with torch.no_grad():
+        start.W_enc[:64] *= 0.05
+    start.save(tmp_path / "start")
+    dead, recovery = {}, {}
+    for auxk in (False, True):
+        cfg = TrainConfig(d_sae=128, k=4, k_aux=16, auxk=auxk, total_tokens=600 * 512, batch_size=512, lr=3e-3,
+                          warmup_steps=10, dead_after_tokens=2048, init_from=str(tmp_path / "start"),
+                          out_dir=str(tmp_path / f"auxk-{auxk}"), progress=False)
+        sae = saeengine.train(data.activations, cfg)
+        dead[auxk] = _metric_lines(tmp_path / f"auxk-{auxk}" / cfg.run_name)[-1]["dead"]
+        recovery[auxk] = dictionary_recovery(data.atoms, sae.W_dec)
+    assert dead[False] >= 0.4, dead          # the built setting does create dead latents
+    assert dead[True] <= dead[False] / 4, dead
+    assert recovery[True] > recovery[False], recovery
+
+
+def test_k_annealing_schedule_and_training(tmp_path, planted):
+    cfg = quick(tmp_path, k=3, k_anneal_from=12, k_anneal_fraction=0.5, total_tokens=100 * 256, log_every=10)
+    assert [cfg.k_at(s) for s in (0, 25, 50, 99)] == [12, 8, 3, 3]  # linear over half of 100 steps
+    saeengine.train(planted.activations, cfg)
+    lines = _metric_lines(tmp_path / "run" / cfg.run_name)
+    assert [line["k"] for line in lines] == [cfg.k_at(line["step"]) for line in lines]
+    assert lines[0]["l0"] > 8 and lines[-1]["l0"] <= 3
+    with pytest.raises(ValueError, match="k_anneal_from=2"):
+        quick(tmp_path, k=3, k_anneal_from=2)
+    with pytest.raises(ValueError, match="relu"):
+        quick(tmp_path, architecture="relu", k_anneal_from=12)
+
+
+def test_init_from_saved_sae(tmp_path, planted):
+    first = saeengine.train(planted.activations[:20_000], quick(tmp_path / "a", total_tokens=20 * 256))
+    # Continue on other data: the saved normalization is kept, not refitted.
+    cfg = quick(tmp_path / "b", total_tokens=2 * 256, init_from=str(tmp_path / "a" / "run" / quick(tmp_path).run_name))
+    second = saeengine.train(planted.activations[20_000:] * 3.0, cfg)
+    assert torch.equal(second.norm_scale, first.norm_scale) and torch.equal(second.norm_mean, first.norm_mean)
+    assert (second.W_dec - first.W_dec).abs().max() < 0.1  # two small steps from the saved weights
+    with pytest.raises(saeengine.checkpoint.CheckpointError, match="d_sae=256 but this run has 512"):
+        saeengine.train(planted.activations, quick(tmp_path / "c", d_sae=512, init_from=cfg.init_from))
+
+
+def test_tensorboard_events_match_jsonl(tmp_path, planted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = quick(tmp_path, total_tokens=30 * 256, log_every=10, tensorboard=True)
+    saeengine.train(planted.activations, cfg)
+    run_dir = tmp_path / "run" / cfg.run_name
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    fvu = [(e.step, e.value) for e in events.Scalars("train/fvu")]
+    lines = _metric_lines(run_dir)
+    assert [s for s, _ in fvu] == [line["step"] for line in lines]
+    np.testing.assert_allclose([v for _, v in fvu], [line["fvu"] for line in lines], rtol=1e-6)
+
+
+def test_wandb_logging_and_missing_package(tmp_path, planted, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append((step, data))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kwargs: calls.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = quick(tmp_path, total_tokens=20 * 256, log_every=10, wandb_project="saes")
+    saeengine.train(planted.activations, cfg)
+    assert calls[0]["project"] == "saes" and calls[0]["name"] == cfg.run_name and calls[0]["resume"] == "allow"
+    assert [step for step, _ in calls[1:-1]] == [0, 10, 19] and calls[-1] == "finish"
+    assert {"fvu", "l0", "dead", "lr"} <= set(calls[1][1])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install wandb"):
+        saeengine.train(planted.activations, quick(tmp_path / "again", wandb_project="saes"))

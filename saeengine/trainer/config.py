@@ -31,6 +31,11 @@ class TrainConfig:
     """topk, batchtopk, relu (with an L1 penalty) or jumprelu (with an L0 penalty)."""
     k: int = 32
     """Active latents per token (topk; the batch average for batchtopk)."""
+    k_anneal_from: int = 0
+    """Start with this many active latents and lower it linearly to k over the first
+    k_anneal_fraction of the run (0: no annealing; topk and batchtopk)."""
+    k_anneal_fraction: float = 0.1
+    """Fraction of the run over which k is annealed."""
     total_tokens: int = 10_000_000
     """Training tokens; the run takes total_tokens // batch_size steps."""
     batch_size: int = 4096
@@ -68,6 +73,9 @@ class TrainConfig:
     """Initial JumpReLU threshold."""
     b_dec_init: str = "geometric_median"
     """Decoder bias start: geometric_median (Weiszfeld), mean, or zeros of a data sample."""
+    init_from: str = ""
+    """Directory of a saved SAE to start from (weights, normalization, threshold): d_in,
+    d_sae and architecture must match. Empty: a fresh SAE initialized from the data."""
     normalization: str = "mean_norm"
     """Input normalization estimated from the data and saved with the SAE: mean_norm or none."""
     autocast: str = "none"
@@ -87,7 +95,12 @@ class TrainConfig:
     resume: bool = True
     """Continue from out_dir's latest checkpoint when there is one."""
     log_every: int = 50
-    """Steps between metric lines in metrics.jsonl."""
+    """Steps between metric lines in metrics.jsonl (and TensorBoard or W&B)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events into the SAE's folder (needs tensorboard)."""
+    wandb_project: str = ""
+    """Also log the metrics to this Weights & Biases project (needs wandb; WANDB_MODE decides
+    online or offline)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -104,6 +117,11 @@ class TrainConfig:
             (0.0 <= self.decay_start <= 1.0, f"decay_start={self.decay_start}; it must lie in [0, 1]"),
             (self.lr >= 0 and self.clip_grad_norm >= 0, "lr and clip_grad_norm must be >= 0"),
             (self.d_sae >= 1 and self.k >= 1, f"d_sae={self.d_sae} and k={self.k} must be >= 1"),
+            (self.k_anneal_from == 0 or self.k < self.k_anneal_from <= self.d_sae,
+             f"k_anneal_from={self.k_anneal_from}; it must be 0 (off) or lie in (k={self.k}, d_sae={self.d_sae}]"),
+            (self.k_anneal_from == 0 or self.architecture in ("topk", "batchtopk"),
+             f"k_anneal_from applies to topk and batchtopk, not {self.architecture!r}"),
+            (0.0 < self.k_anneal_fraction <= 1.0, f"k_anneal_fraction={self.k_anneal_fraction}; it must lie in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,6 +145,16 @@ class TrainConfig:
         decay_from = int(self.decay_start * self.steps)
         decay = 1.0 if step < decay_from else max(0.0, (self.steps - step) / max(1, self.steps - decay_from))
         return warm * decay
+
+    def k_at(self, step: int) -> int:
+        """Active latents at ``step``: k_anneal_from lowered linearly to k, then k.
+
+        Each distinct value compiles its own fused-encoder variant once."""
+        if not self.k_anneal_from:
+            return self.k
+        span = max(1, round(self.k_anneal_fraction * self.steps))
+        t = min(1.0, step / span)
+        return round(self.k_anneal_from + t * (self.k - self.k_anneal_from))
 
     def sparsity_factor(self, step: int) -> float:
         return min(1.0, (step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from .checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, check_sweep
 from .data import batch_source, d_in_of, init_sample
 from .init import init_from_sample
+from .metrics import MetricsLog
+from ..checkpoint import CheckpointError
 from ..optim import RowSparseAdam, resample_dead_latents_
-
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -31,6 +30,7 @@ class _Run:
     opt: torch.optim.Optimizer
     since_fired: torch.Tensor  # [F] int64: tokens since each latent last fired
     directory: Path
+    log: MetricsLog | None = None
 
     @property
     def dead(self) -> torch.Tensor:
@@ -57,12 +57,17 @@ def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) 
     return _Run(cfg, sae, opt, since_fired, out_dir / cfg.run_name)
 
 
-def _truncate_metrics(path: Path, before_step: int) -> None:
-    """Keep the metric lines of steps before ``before_step`` (a resumed run rewrites the rest)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
-    path.write_text("".join(line + "\n" for line in lines))
+@torch.no_grad()
+def _start_from_saved(sae: SAE, directory: str) -> None:
+    """Copy a saved SAE's weights and statistics into ``sae`` (TrainConfig.init_from)."""
+    saved = SAE.load(directory, device=sae.W_enc.device)
+    mine, theirs = sae.cfg, saved.cfg
+    for field in ("d_in", "d_sae", "architecture"):
+        if getattr(mine, field) != getattr(theirs, field):
+            raise CheckpointError(f"TrainConfig.init_from={directory!r}: the saved SAE has {field}="
+                                  f"{getattr(theirs, field)!r} but this run has {getattr(mine, field)!r}; "
+                                  f"set {field} to match, or start fresh (init_from='')")
+    sae.load_state_dict({name: value.to(sae.state_dict()[name].dtype) for name, value in saved.state_dict().items()})
 
 
 def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> dict:
@@ -72,8 +77,9 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
     use_aux = cfg.auxk and cfg.architecture in ("topk", "batchtopk")
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.autocast))
                 if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
+    k = cfg.k_at(step) if cfg.k_anneal_from else None
     with autocast:
-        out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False)
+        out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False, k=k)
         loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -101,7 +107,7 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
             0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
         run.since_fired.copy_(torch.where(fired > 0, 0, run.since_fired + x.shape[0]))
     return {"fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(), "l0": out.l0.detach(),
-            "sparsity": out.sparsity.detach()}
+            "sparsity": out.sparsity.detach(), "k": k or cfg.k}
 
 
 def _fired_rows(code) -> torch.Tensor:
@@ -144,12 +150,16 @@ def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
         start = restore_checkpoint(checkpoint, runs, source)
     else:
         start = 0
-        sample = init_sample(source, first.seed)
+        fresh = [run for run in runs if not run.cfg.init_from]
+        sample = init_sample(source, first.seed) if fresh else None
         for run in runs:
-            init_from_sample(run.sae, sample, run.cfg.b_dec_init)
+            if run.cfg.init_from:
+                _start_from_saved(run.sae, run.cfg.init_from)
+            else:
+                init_from_sample(run.sae, sample, run.cfg.b_dec_init)
     for run in runs:
         run.directory.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(run.directory / METRICS, start)
+        run.log = MetricsLog(run.directory, run.cfg, start)
         run.sae.train()
 
     steps, batch = first.steps, first.batch_size
@@ -166,11 +176,9 @@ def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
             tokens_per_s = (step + 1 - tick_step) * batch / max(now - tick, 1e-9)
             tick, tick_step = now, step + 1
             for run, m in zip(runs, metrics):
-                line = {"step": step, "tokens": (step + 1) * batch, "lr": run.opt.param_groups[0]["lr"],
-                        **{key: float(value) for key, value in m.items()},
-                        "dead": float(run.dead.float().mean()), "tokens_per_s": tokens_per_s}
-                with open(run.directory / METRICS, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+                run.log.write({"step": step, "tokens": (step + 1) * batch, "lr": run.opt.param_groups[0]["lr"],
+                               **{key: float(value) for key, value in m.items()},
+                               "dead": float(run.dead.float().mean()), "tokens_per_s": tokens_per_s})
             head = runs[0]
             bar.set_postfix(tok_s=f"{tokens_per_s:.3g}", fvu=f"{float(metrics[0]['fvu']):.4f}",
                             l0=f"{float(metrics[0]['l0']):.1f}", dead=f"{float(head.dead.float().mean()):.1%}")
@@ -180,6 +188,7 @@ def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
     if start < steps or checkpoint is None:
         save_checkpoint(out_dir, steps, runs, source)
     for run in runs:
+        run.log.close()
         run.sae.eval()
         run.sae.save(run.directory, provenance={"train_config": run.cfg.to_dict(), "steps": steps,
                                                 "data": getattr(source, "content_hash", None)})
