@@ -177,6 +177,7 @@ def test_auxk_revives_dead_latents(tmp_path):
         sae = saeengine.train(data.activations, cfg)
         dead[auxk] = _metric_lines(tmp_path / f"auxk-{auxk}" / cfg.run_name)[-1]["dead"]
         recovery[auxk] = dictionary_recovery(data.atoms, sae.W_dec)
+    print("dead fraction", dead, "recovery", recovery)
     assert dead[False] >= 0.4, dead          # the built setting does create dead latents
     assert dead[True] <= dead[False] / 4, dead
     assert recovery[True] > recovery[False], recovery
