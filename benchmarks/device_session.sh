@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see /work/.library/device): build, test, tune, benchmark.
-#   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests gputests tune bench
+#   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests gputests tune bench trainer
 # Logs and JSON go to $OUT (default ./device-out). Each stage has its own time limit so
 # a slow one cannot eat the whole call.
 set -uo pipefail
@@ -39,6 +39,11 @@ for s in "$@"; do
       stage bench
       timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/run_benchmarks.py --out "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
       echo "bench rc=$?"; tail -14 "$OUT/bench.log"
+      ;;
+    trainer)
+      stage trainer
+      timeout ${TRAINER_TIMEOUT:-200} python3 benchmarks/bench_trainer.py --out "$OUT/trainer.json" ${TRAINER_ARGS:-} > "$OUT/trainer.log" 2>&1
+      echo "trainer rc=$?"; tail -3 "$OUT/trainer.log"
       ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -26,3 +26,16 @@ def test_smoke_mode_runs_and_prints_table(capsys):
 def test_grid_without_gpu_refuses_with_reason(capsys):
     assert load_script().main([]) == 2
     assert "needs one" in capsys.readouterr().err
+
+
+def test_trainer_overhead_benchmark_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "trainer.json"
+    subprocess.run([sys.executable, str(SCRIPT.parent / "bench_trainer.py"), "--d-in", "32", "--d-sae", "256",
+                    "--k", "4", "--batch", "256", "--steps", "30", "--out", str(out)], check=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["bare_tokens_per_s"] > 0 and result["trainer_tokens_per_s"] > 0
+    assert result["trainer_fraction"] == result["trainer_tokens_per_s"] / result["bare_tokens_per_s"]
