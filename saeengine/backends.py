@@ -27,6 +27,10 @@ BACKENDS = ("torch", "triton", "cuda")
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "topk_encode": ("triton", "torch"),
     "sparse_decode": ("triton", "cuda", "torch"),
+    "topk_select": ("cuda", "torch"),
+    "row_sparse_adam": ("cuda", "torch"),
+    "resample_dead": ("cuda", "torch"),
+    "mark_fired": ("cuda", "torch"),
 }
 
 

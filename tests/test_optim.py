@@ -82,8 +82,8 @@ def test_resampling_sets_exactly_the_dead_rows(use_row_sparse):
     x = torch.randn(64, 12, generator=gen)
     losses = torch.zeros(64)
     losses[13] = 5.0  # the only input with a loss: every dead latent must take it
-    n = resample_dead_latents_(sae, opt, dead, x, losses, generator=gen)
-    assert n == 3
+    n = resample_dead_latents_(sae, opt, dead, x, losses, seed=5)
+    assert int(n) == 3
     direction = x[13] / x[13].norm()
     enc_norm = before["W_enc"][~dead].norm(dim=1).mean()
     for j in (0, 7, 8):
@@ -112,3 +112,73 @@ def test_row_sparse_adam_state_round_trip():
     assert opt_b.step_count == 1
     for name in opt_a.state:
         assert torch.equal(opt_a.state[name]["m"], opt_b.state[name]["m"])
+
+
+def _mix32_reference(x: int) -> int:
+    """mix32 of csrc/dead_latents.cu in plain Python integers (uint32 semantics)."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_resample_draws_mirror_the_cuda_hash():
+    from saeengine.optim import resample_uniform
+
+    seed = (123 << 32) + 0xDEADBEEF
+    latents = torch.tensor([0, 1, 7, 2**31 - 1, 2**32 + 5])
+    expected = [_mix32_reference((seed & 0xFFFFFFFF) ^ _mix32_reference((f & 0xFFFFFFFF) ^ _mix32_reference(seed >> 32)))
+                / 2**32 for f in latents.tolist()]
+    assert resample_uniform(seed, latents).tolist() == expected
+    draws = resample_uniform(3, torch.arange(100_000))
+    assert 0 <= float(draws.min()) and float(draws.max()) < 1 and abs(float(draws.mean()) - 0.5) < 0.01
+
+
+def test_resampling_follows_loss_squared_and_is_seeded():
+    sae = make_sae(f=4000, d=12)
+    dead = torch.ones(4000, dtype=torch.bool)
+    x = torch.eye(12)[:3] * torch.tensor([[1.0], [2.0], [3.0]])   # three inputs, told apart by direction
+    losses = torch.tensor([0.0, 1.0, 3.0])                         # loss^2 weights 0 : 1 : 9
+    resample_dead_latents_(sae, None, dead, x, losses, seed=1, backend="torch")
+    picked = sae.W_dec.detach().argmax(dim=1)
+    counts = torch.bincount(picked, minlength=12)[:3].tolist()
+    assert counts[0] == 0 and abs(counts[2] / 4000 - 0.9) < 0.03, counts
+    first = sae.W_dec.detach().clone()
+    resample_dead_latents_(sae, None, dead, x, losses, seed=1, backend="torch")
+    assert torch.equal(sae.W_dec, first)
+
+
+def test_mark_fired_reference():
+    from saeengine.optim import mark_fired_
+
+    last = torch.tensor([0, 5, 5, 5, 0])
+    indices = torch.tensor([[1, 3], [3, 4], [2, 2]])
+    values = torch.tensor([[0.5, 0.0], [2.0, -1.0], [0.0, 0.0]])  # only positive values count
+    mark_fired_(last, indices, values, 9, backend="torch")
+    expected = [0, 5, 5, 5, 0]
+    for n in range(3):
+        for j in range(2):
+            if values[n, j] > 0:
+                expected[indices[n, j]] = 9
+    assert last.tolist() == expected == [0, 9, 5, 9, 0]
+    with pytest.raises(ValueError, match="int64"):
+        mark_fired_(last.float(), indices, values, 9)
+
+
+def test_row_sparse_adam_bf16_moments_track_fp32():
+    gen = torch.Generator().manual_seed(4)
+    a, b = make_sae(), make_sae()
+    opt_a, opt_b = RowSparseAdam(a, lr=1e-2), RowSparseAdam(b, lr=1e-2, moment_dtype=torch.bfloat16)
+    rows = torch.tensor([0, 3, 9])
+    for _ in range(3):
+        random_grads(a, rows, gen)
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = p.grad.clone()
+        opt_a.step(rows)
+        opt_b.step(rows)
+    assert opt_b.state["W_enc"]["m"].dtype == torch.bfloat16
+    torch.testing.assert_close(b.W_enc, a.W_enc, rtol=0.02, atol=0.02)
+    with pytest.raises(ValueError, match="moment_dtype"):
+        RowSparseAdam(a, lr=1e-2, moment_dtype=torch.float16)

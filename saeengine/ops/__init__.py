@@ -7,6 +7,7 @@ from .code import SparseCode
 from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
 from .sparse_decode import compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_ref
 from .topk_encode import dead_latent_list, topk_encode, topk_encode_ref
+from .topk_select import topk_select, topk_select_ref
 
 __all__ = [
     "LatentIndex",
@@ -20,4 +21,6 @@ __all__ = [
     "sparse_decode_ref",
     "topk_encode",
     "topk_encode_ref",
+    "topk_select",
+    "topk_select_ref",
 ]

@@ -1,50 +1,122 @@
 """Dead-latent resampling (Bricken et al. 2023, as in the issue): give dead latents new
 directions taken from inputs the SAE reconstructs badly.
 
-The torch reference. Issue 4's CUDA op does the same in one launch.
+Two backends with the same result: the torch reference, and the CUDA op
+``torch.ops.saeengine.resample_dead_`` (csrc/dead_latents.cu) that edits every dead row
+and its optimizer moments in one launch. Neither synchronizes with the host. The inputs
+are drawn with a counter-based hash of (seed, latent) that both backends compute, so
+they pick the same inputs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from saeengine.backends import resolve_backend
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return ((lo * c) + ((hi * c) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit integer hash of csrc/dead_latents.cu (mix32), on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def resample_uniform(seed: int, latents: torch.Tensor) -> torch.Tensor:
+    """The uniform draws in [0, 1) of the CUDA kernel for ``latents`` [R] int64 -> [R] float64."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    low, high = seed & _MASK32, seed >> 32
+    inner = _mix32(torch.full_like(latents, high))
+    h = _mix32((latents & _MASK32) ^ inner)
+    h = _mix32(h ^ low)
+    return h.double() / 2.0**32
+
+
+def _sampling_cdf(losses: torch.Tensor) -> torch.Tensor:
+    """Cumulative loss^2 in float64; uniform weights when every loss is 0 (no host sync)."""
+    weights = losses.double().pow(2)
+    weights = torch.where(weights.sum() > 0, weights, torch.ones_like(weights))
+    return torch.cumsum(weights, 0)
+
+
+def _alive_encoder_norm(W_enc: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Mean norm of the live encoder rows as a [1] float32 tensor (1 when all are dead)."""
+    alive = (~dead).float()
+    count = alive.sum()
+    mean = (W_enc.detach().float().norm(dim=1) * alive).sum() / count.clamp_min(1)
+    return torch.where(count > 0, mean, torch.ones_like(mean)).reshape(1)
+
+
+def _moments(optimizer, sae) -> dict[str, torch.Tensor | None]:
+    """The (m, v) moments of W_enc, W_dec and b_enc in the optimizer, None where absent."""
+    out = {}
+    for name, short in (("W_enc", "enc"), ("W_dec", "dec"), ("b_enc", "bias")):
+        if hasattr(optimizer, "zero_rows_"):  # RowSparseAdam
+            state = optimizer.state[name]
+            m, v = state["m"], state["v"]
+        else:
+            state = optimizer.state.get(getattr(sae, name), {}) if optimizer is not None else {}
+            m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        out[f"{short}_m"], out[f"{short}_v"] = m, v
+    return out
+
+
+@torch.no_grad()
+def _resample_ref(sae, moments: dict, dead: torch.Tensor, x: torch.Tensor, cdf: torch.Tensor,
+                  enc_norm: torch.Tensor, seed: int) -> None:
+    rows = torch.nonzero(dead).squeeze(1)
+    target = resample_uniform(seed, rows) * cdf[-1]
+    picks = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.numel() - 1)
+    chosen = x[picks]
+    chosen = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sae.W_dec[rows] = chosen.to(sae.W_dec.dtype)
+    sae.W_enc[rows] = (chosen * (0.2 * enc_norm)).to(sae.W_enc.dtype)
+    sae.b_enc[rows] = 0
+    for moment in moments.values():
+        if moment is not None:
+            moment[rows] = 0
+
 
 @torch.no_grad()
 def resample_dead_latents_(sae, optimizer, dead: torch.Tensor, x: torch.Tensor, losses: torch.Tensor,
-                           generator: torch.Generator | None = None) -> int:
-    """Resample the dead latents of ``sae`` in place; returns how many were resampled.
+                           seed: int = 0, *, backend: str = "auto") -> torch.Tensor:
+    """Resample the dead latents of ``sae`` in place; returns how many, as a 0-d tensor.
 
     dead [F] bool; x [N, d_in] inputs (in the SAE's normalized space); losses [N] their
-    reconstruction losses.
-    - Inputs are drawn with probability proportional to loss^2.
-    - Each dead latent j gets W_dec[j] = x / |x|, W_enc[j] = x * 0.2 * (mean norm of the
-      alive encoder rows), and b_enc[j] = 0.
+    reconstruction losses; seed: the draw (the same seed gives the same picks on both
+    backends).
+    - Inputs are drawn with probability proportional to loss^2 (uniformly when all are 0).
+    - Each dead latent j gets W_dec[j] = x / |x|, W_enc[j] = x / |x| * 0.2 * (mean norm
+      of the live encoder rows), and b_enc[j] = 0.
     - Those rows' optimizer moments are zeroed.
     - Every other row is left untouched.
 
-    ``optimizer`` is a RowSparseAdam (zero_rows_), a torch.optim optimizer over the SAE's
-    parameters, or None.
+    ``optimizer``: a RowSparseAdam, a torch.optim optimizer over the SAE's parameters, or
+    None. backend: "auto", "torch" or "cuda" (one kernel launch for the edit).
     """
-    rows = torch.nonzero(dead).squeeze(1)
-    if rows.numel() == 0:
-        return 0
-    weights = losses.double().pow(2)
-    if not bool(weights.sum() > 0):
-        weights = torch.ones_like(weights)
-    picks = torch.multinomial(weights.cpu(), rows.numel(), replacement=True, generator=generator).to(x.device)
-    chosen = x[picks].float()
-    chosen = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    alive = ~dead
-    enc_norm = sae.W_enc[alive].float().norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
-    sae.W_dec[rows] = chosen.to(sae.W_dec.dtype)
-    sae.W_enc[rows] = (chosen * 0.2 * enc_norm).to(sae.W_enc.dtype)
-    sae.b_enc[rows] = 0
-    if hasattr(optimizer, "zero_rows_"):
-        optimizer.zero_rows_(rows)
-    elif optimizer is not None:
-        for p in (sae.W_enc, sae.b_enc, sae.W_dec):
-            state = optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key][rows] = 0
-    return int(rows.numel())
+    if dead.dtype != torch.bool or dead.shape != (sae.cfg.d_sae,):
+        raise ValueError(f"dead must be a [{sae.cfg.d_sae}] bool mask, got {dead.dtype} {tuple(dead.shape)}")
+    if x.dim() != 2 or x.shape[1] != sae.cfg.d_in or losses.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise ValueError(f"x must be [N >= 1, {sae.cfg.d_in}] and losses [N]; got {tuple(x.shape)} and "
+                         f"{tuple(losses.shape)}")
+    backend = resolve_backend(backend, "resample_dead", sae.W_dec.device)
+    x = x.detach().float().contiguous()
+    cdf = _sampling_cdf(losses)
+    enc_norm = _alive_encoder_norm(sae.W_enc, dead)
+    moments = _moments(optimizer, sae)
+    if backend == "cuda":
+        torch.ops.saeengine.resample_dead_(sae.W_enc, sae.b_enc, sae.W_dec, dead, x, cdf, enc_norm, seed,
+                                           **moments)
+    else:
+        _resample_ref(sae, moments, dead, x, cdf, enc_norm, seed)
+    return dead.sum()

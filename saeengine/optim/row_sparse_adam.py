@@ -2,8 +2,10 @@
 step are updated, with the decoder's parallel-gradient removal and unit-norm projection
 fused into the same pass over those rows.
 
-This is the torch reference. The CUDA kernel of issue 4 takes the same row list from the
-sparse backward and never builds a dense [F, d] gradient.
+Two backends: the torch reference (here), and the CUDA op
+``torch.ops.saeengine.row_sparse_adam_`` (csrc/row_sparse_adam.cu): one launch per latent
+parameter, a warp per listed row, touching nothing else. It reads each row's gradient
+from the dense gradient autograd produced, or from a compact [R, d] block of rows.
 
 How it differs from dense Adam: a row that did not fire keeps its moments as they were.
 Dense Adam would decay them, and would still move the row by m / sqrt(v) even at zero
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from saeengine.backends import resolve_backend
+
 LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
 
 
@@ -23,11 +27,15 @@ class RowSparseAdam:
     ``step(rows)`` updates the rows ``rows`` (int64, distinct) of W_enc, b_enc, W_dec and
     log_threshold, and every other parameter (b_dec) densely. Moments are fp32 or bf16
     (``moment_dtype``). ``state_dict`` / ``load_state_dict`` make it checkpointable.
+    ``backend``: "auto", "torch" or "cuda" for the latent rows (b_dec is dense torch math).
     """
 
     def __init__(self, sae, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 moment_dtype: torch.dtype = torch.float32):
+                 moment_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moment_dtype={moment_dtype}; use torch.float32 or torch.bfloat16")
         self.sae = sae
+        self.backend = resolve_backend(backend, "row_sparse_adam", sae.W_dec.device)
         self.param_groups = [{"lr": lr}]
         self.betas, self.eps, self.moment_dtype = betas, eps, moment_dtype
         self.step_count = 0
@@ -63,6 +71,9 @@ class RowSparseAdam:
         """Update the latent rows ``rows`` [R] int64 (distinct) and the dense parameters."""
         self.step_count += 1
         named = dict(self.sae.named_parameters())
+        if self.backend == "cuda":
+            self._step_cuda(named, rows)
+            return
         if named["W_dec"].grad is not None:  # fused: drop the gradient parallel to each row, then project
             W, g = named["W_dec"], named["W_dec"].grad
             g_rows, w_rows = g[rows], W[rows]
@@ -76,6 +87,19 @@ class RowSparseAdam:
                 self._adam(p, p.grad, self.state[name], None)
         W = named["W_dec"]
         W[rows] = W[rows] / W[rows].norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+
+    def _step_cuda(self, named: dict, rows: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        lr = self.param_groups[0]["lr"]
+        for name, p in named.items():
+            if p.grad is None:
+                continue
+            state = self.state[name]
+            if name in LATENT_ROW_PARAMS:
+                torch.ops.saeengine.row_sparse_adam_(p, p.grad, state["m"], state["v"], rows, lr, beta1, beta2,
+                                                     self.eps, self.step_count, True, name == "W_dec")
+            else:
+                self._adam(p, p.grad, state, None)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.param_groups[0]["lr"],

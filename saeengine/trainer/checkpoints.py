@@ -38,7 +38,7 @@ def save_checkpoint(out_dir: Path, step: int, runs, source) -> Path:
     state = {
         "step": step,
         "source": source.state_dict(),
-        "runs": {run.cfg.run_name: {"optimizer": run.opt.state_dict(), "since_fired": run.since_fired.cpu()}
+        "runs": {run.cfg.run_name: {"optimizer": run.opt.state_dict(), "last_fired": run.last_fired.cpu()}
                  for run in runs},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -84,7 +84,8 @@ def restore_checkpoint(path: Path, runs, source) -> int:
                                   "resume with the same TrainConfig, or resume=False")
         run.sae.load_state_dict(saved.state_dict())
         run.opt.load_state_dict(state["runs"][run.cfg.run_name]["optimizer"])
-        run.since_fired.copy_(state["runs"][run.cfg.run_name]["since_fired"])
+        run.last_fired.copy_(state["runs"][run.cfg.run_name]["last_fired"])
+        run.tokens_seen = int(state["step"]) * run.cfg.batch_size
     source.load_state_dict(state["source"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():

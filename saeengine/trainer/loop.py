@@ -18,7 +18,7 @@ from .data import batch_source, d_in_of, init_sample
 from .init import init_from_sample
 from .metrics import MetricsLog
 from ..checkpoint import CheckpointError
-from ..optim import RowSparseAdam, resample_dead_latents_
+from ..optim import RowSparseAdam, mark_fired_, resample_dead_latents_
 
 
 @dataclass
@@ -28,19 +28,26 @@ class _Run:
     cfg: TrainConfig
     sae: SAE
     opt: torch.optim.Optimizer
-    since_fired: torch.Tensor  # [F] int64: tokens since each latent last fired
+    last_fired: torch.Tensor  # [F] int64: tokens seen when each latent last fired
     directory: Path
+    tokens_seen: int = 0
     log: MetricsLog | None = None
 
     @property
     def dead(self) -> torch.Tensor:
-        return self.since_fired >= self.cfg.dead_after_tokens
+        return self.tokens_seen - self.last_fired >= self.cfg.dead_after_tokens
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _optim_backend(cfg: TrainConfig) -> str:
+    """The optimizer-side ops (row-sparse Adam, resampling) have torch and cuda backends;
+    "triton" there means the fastest available, as "auto" does."""
+    return cfg.backend if cfg.backend in ("torch", "cuda") else "auto"
 
 
 def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) -> _Run:
@@ -50,11 +57,12 @@ def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) 
     sae = SAE(sae_cfg, device=device, seed=cfg.seed)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "row_sparse_adam":
-        opt = RowSparseAdam(sae, lr=cfg.learning_rate, betas=betas)
+        opt = RowSparseAdam(sae, lr=cfg.learning_rate, betas=betas,
+                            backend=_optim_backend(cfg))
     else:
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=betas)
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
-    return _Run(cfg, sae, opt, since_fired, out_dir / cfg.run_name)
+    last_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
+    return _Run(cfg, sae, opt, last_fired, out_dir / cfg.run_name)
 
 
 @torch.no_grad()
@@ -99,13 +107,11 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
             xn = run.sae.normalize(x.float())
             losses = (xn - run.sae.normalize(out.recon.float())).pow(2).sum(1)
             dead = run.dead
-            resample_dead_latents_(run.sae, run.opt, dead, xn, losses,
-                                   torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-            run.since_fired[dead] = 0
-    with torch.no_grad():  # fire counts from the code: integer adds on the device, no host sync
-        fired = torch.zeros_like(run.since_fired).scatter_add_(
-            0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
-        run.since_fired.copy_(torch.where(fired > 0, 0, run.since_fired + x.shape[0]))
+            resample_dead_latents_(run.sae, run.opt, dead, xn, losses, seed=cfg.seed * 1_000_003 + step,
+                                   backend=_optim_backend(cfg))
+            run.last_fired.masked_fill_(dead, run.tokens_seen)  # a fresh start for the resampled rows
+    run.tokens_seen += x.shape[0]
+    mark_fired_(run.last_fired, out.code.indices, out.code.values, run.tokens_seen, backend=_optim_backend(cfg))
     return {"fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(), "l0": out.l0.detach(),
             "sparsity": out.sparsity.detach(), "k": k or cfg.k}
 

@@ -1,0 +1,47 @@
+"""Top-k select over an existing dense matrix [N, F]: for the places where the
+pre-activations exist anyway (BatchTopK over a batch, JumpReLU-to-TopK conversion, dense
+codes at inference).
+
+Layers: torch reference :func:`topk_select_ref` (torch.topk) | CUDA op
+``torch.ops.saeengine.topk_select`` (csrc/topk_select.cu: radix select, then a sort in
+shared memory) | functional :func:`topk_select`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saeengine.backends import resolve_backend
+
+from . import _checks
+
+CUDA_MAX_K = 1024  # kTopkSelectMaxK in csrc/launchers.h
+
+
+def topk_select_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, F] -> (values [N, k], indices [N, k] int64), each row sorted descending."""
+    return torch.topk(x, k, dim=1, largest=True, sorted=True)
+
+
+def topk_select(x: torch.Tensor, k: int, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x, sorted descending.
+
+    Args:
+        x: [N, F] float32, float16 or bfloat16.
+        k: 1 <= k <= F (the cuda backend takes k <= 1024; "auto" then uses torch).
+        backend: "auto", "torch" or "cuda". The cuda kernel breaks ties towards the lower
+            column and ranks NaN above every number (as torch.topk does); its output is the
+            same on every run.
+    Returns:
+        (values [N, k] in x's dtype, indices [N, k] int64).
+    """
+    _checks.check_matrix("x", x, what="[N, F]")
+    _checks.check_float("x", x)
+    if not 1 <= k <= x.shape[1]:
+        raise ValueError(f"k={k} must lie in [1, F={x.shape[1]}]")
+    if backend == "auto" and k > CUDA_MAX_K:
+        backend = "torch"
+    backend = resolve_backend(backend, "topk_select", x.device)
+    if backend == "cuda":
+        return torch.ops.saeengine.topk_select(x, k)
+    return topk_select_ref(x, k)
