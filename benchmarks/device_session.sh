@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see /work/.library/device): build, test, tune, benchmark.
-#   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests gputests tune bench trainer
+#   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests gputests tune bench trainer cudaops
 # Logs and JSON go to $OUT (default ./device-out). Each stage has its own time limit so
 # a slow one cannot eat the whole call.
 set -uo pipefail
@@ -27,7 +27,7 @@ for s in "$@"; do
       ;;
     gputests)
       stage gputests
-      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py -k "gpu or cuda or master or sae_forward" -rs > "$OUT/pytest_gpu.log" 2>&1
+      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py tests/test_optim.py -k "gpu or cuda or master or sae_forward" -rs > "$OUT/pytest_gpu.log" 2>&1
       echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
       ;;
     tune)
@@ -44,6 +44,11 @@ for s in "$@"; do
       stage trainer
       timeout ${TRAINER_TIMEOUT:-200} python3 benchmarks/bench_trainer.py --out "$OUT/trainer.json" ${TRAINER_ARGS:-} > "$OUT/trainer.log" 2>&1
       echo "trainer rc=$?"; tail -3 "$OUT/trainer.log"
+      ;;
+    cudaops)
+      stage cudaops
+      timeout ${CUDAOPS_TIMEOUT:-240} python3 benchmarks/bench_cuda_ops.py --out "$OUT/cuda_ops.json" ${CUDAOPS_ARGS:-} > "$OUT/cuda_ops.log" 2>&1
+      echo "cudaops rc=$?"; tail -20 "$OUT/cuda_ops.log"
       ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -39,3 +39,20 @@ def test_trainer_overhead_benchmark_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["bare_tokens_per_s"] > 0 and result["trainer_tokens_per_s"] > 0
     assert result["trainer_fraction"] == result["trainer_tokens_per_s"] / result["bare_tokens_per_s"]
+
+
+def test_cuda_ops_benchmark_smoke_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_cuda_ops", SCRIPT.parent / "bench_cuda_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+        assert module.main(["--smoke"]) == 0
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    out = capsys.readouterr().out
+    for section in module.SECTIONS:
+        assert f"{section} {{" in out, section
+    assert "error" not in out

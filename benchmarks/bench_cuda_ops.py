@@ -1,0 +1,201 @@
+"""The csrc/ ops against their baselines, on one GPU in one run (issue 4's figures).
+
+    python benchmarks/bench_cuda_ops.py --out benchmarks/results/<date>-<gpu>-cuda-ops.json
+    python benchmarks/bench_cuda_ops.py --smoke        # tiny shapes, any device (checks the script)
+
+Sections (--sections, comma-separated; all by default):
+  select     topk_select (cuda) against torch.topk, N=4096, F=2^18, k=32, fp32 and bf16
+  decode     sparse decode forward and backward, cuda against triton; forward GB/s of the
+             gathered bytes (N*k*d*bytes) as a fraction of the measured copy bandwidth
+  optimizer  row-sparse Adam (cuda, the rows of one step) against dense fused torch Adam, F=2^20
+  resample   one resampling call with 10% of F=2^20 dead
+  step       a full training step at N=4096, F=2^20: fused encoder, sparse backward and
+             row-sparse Adam, against sparsify's forward+backward and fused Adam
+  widest     one full step at N=16384 for F = 2^20, 2^21, 2^22: time and peak GB, or OOM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import saeengine
+from run_benchmarks import bench_ms, copy_bandwidth_gbps, guarded, measure_into, sparsify_coder, stamp
+from saeengine import SAE, SAEConfig, ops
+from saeengine.optim import RowSparseAdam, resample_dead_latents_
+
+SECTIONS = ("select", "decode", "optimizer", "resample", "step", "widest")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def select_rows(n: int, f: int, k: int, device: torch.device) -> list[dict]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(n, f, device=device).to(dtype)
+        row = {"N": n, "F": f, "k": k, "dtype": _dtype_name(dtype)}
+        for backend in saeengine.available_backends("topk_select", device):
+            row[f"{backend}_ms"] = bench_ms(lambda: ops.topk_select(x, k, backend=backend), device)
+        if "cuda_ms" in row:
+            row["speedup_vs_torch"] = row["torch_ms"] / row["cuda_ms"]
+        rows.append(row)
+    return rows
+
+
+def decode_rows(n: int, f: int, d: int, k: int, device: torch.device, copy_gbps: float | None) -> list[dict]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        values = torch.rand(n, k, device=device, dtype=dtype, requires_grad=True)
+        indices = torch.randint(0, f, (n, k), device=device)
+        W = torch.randn(f, d, device=device, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(n, d, device=device, dtype=dtype)
+        row = {"N": n, "F": f, "d": d, "k": k, "dtype": _dtype_name(dtype)}
+        gathered = n * k * d * W.element_size()
+        for backend in saeengine.available_backends("sparse_decode", device):
+            def forward():
+                with torch.no_grad():
+                    ops.sparse_decode(values, indices, W, backend=backend, check=False)
+
+            def backward():
+                out = ops.sparse_decode(values, indices, W, backend=backend, check=False)
+                torch.autograd.grad(out, (values, W), grad_out)
+
+            row[f"fwd_{backend}_ms"] = ms = bench_ms(forward, device)
+            row[f"fwd_{backend}_gbps"] = gathered / ms / 1e6
+            if copy_gbps:
+                row[f"fwd_{backend}_of_copy_bw"] = row[f"fwd_{backend}_gbps"] / copy_gbps
+            row[f"fwd_bwd_{backend}_ms"] = bench_ms(backward, device)
+        rows.append(row)
+    return rows
+
+
+def _step_rows(n: int, f: int, k: int, device: torch.device) -> torch.Tensor:
+    """The distinct latents one step of n tokens touches (random codes: the most rows)."""
+    return torch.unique(torch.randint(0, f, (n * k,), device=device))
+
+
+def optimizer_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict]:
+    sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device=device, seed=0)
+    for p in sae.parameters():
+        p.grad = torch.randn_like(p)
+    rows = _step_rows(n, f, k, device)
+    row = {"N": n, "F": f, "d": d, "rows": int(rows.numel())}
+    for backend in saeengine.available_backends("row_sparse_adam", device):
+        opt = RowSparseAdam(sae, lr=1e-4, backend=backend)
+        row[f"row_sparse_{backend}_ms"] = bench_ms(lambda: opt.step(rows), device)
+        del opt
+    dense = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device.type == "cuda")
+    row["dense_adam_ms"] = bench_ms(dense.step, device)
+    return [row]
+
+
+def resample_rows(f: int, d: int, device: torch.device) -> list[dict]:
+    sae = SAE(SAEConfig(d_in=d, d_sae=f, k=32), device=device, seed=0)
+    opt = RowSparseAdam(sae, lr=1e-4, backend="torch")
+    dead = torch.rand(f, device=device) < 0.1
+    x, losses = torch.randn(4096, d, device=device), torch.rand(4096, device=device)
+    row = {"F": f, "d": d, "dead": int(dead.sum())}
+    for backend in saeengine.available_backends("resample_dead", device):
+        row[f"{backend}_ms"] = bench_ms(lambda: resample_dead_latents_(sae, opt, dead, x, losses, backend=backend),
+                                        device)
+    return [row]
+
+
+def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor):
+    """Forward (bf16 autocast, AuxK) + backward + row-sparse Adam on the rows that fired."""
+    def run():
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out = sae(x, dead_mask=dead, check=False)
+        out.loss.backward()
+        parts = [out.code.indices.reshape(-1)] + ([out.code.aux.indices.reshape(-1)] if out.code.aux else [])
+        opt.step(torch.unique(torch.cat(parts)))
+    return run
+
+
+def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Tensor) -> None:
+    """row["step_ms"], row["peak_gb"] of saeengine's full step, or "OOM" (the SAE too)."""
+    try:
+        sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=f, k=k), device=x.device, seed=0)
+    except torch.OutOfMemoryError:
+        row["step_ms"] = "OOM"
+        return
+    measure_into(row, "step_ms", full_step(sae, RowSparseAdam(sae, lr=1e-4), x, dead), x.device, "peak_gb", sae)
+
+
+def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict]:
+    x = torch.randn(n, d, device=device)
+    dead = torch.rand(f, device=device) < 0.1
+    row = {"N": n, "F": f, "d": d, "k": k}
+    measure_our_step(row, x, f, k, dead)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    coder = sparsify_coder(d, f, k, device)
+    if coder is not None:
+        adam = torch.optim.Adam(coder.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def sparsify_step():
+            coder.zero_grad(set_to_none=True)
+            out = coder(x, dead_mask=dead)
+            (out.fvu + out.auxk_loss / 32).backward()
+            adam.step()
+        measure_into(row, "sparsify_step_ms", sparsify_step, device, "sparsify_peak_gb", coder)
+        if isinstance(row.get("step_ms"), float) and isinstance(row.get("sparsify_step_ms"), float):
+            row["speedup_vs_sparsify"] = row["sparsify_step_ms"] / row["step_ms"]
+    return [row]
+
+
+def widest_rows(n: int, widths: list[int], d: int, k: int, device: torch.device) -> list[dict]:
+    rows = []
+    x = torch.randn(n, d, device=device)
+    for f in widths:
+        rows.append({"N": n, "F": f})
+        measure_our_step(rows[-1], x, f, k, torch.rand(f, device=device) < 0.1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device); results are not written")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("bench_cuda_ops.py: no GPU visible; use --smoke to check the script", file=sys.stderr)
+        return 2
+    n, d, k, f_small, f_large = (64, 32, 4, 512, 1024) if args.smoke else (4096, 1024, 32, 2**18, 2**20)
+    big_n, widths = (128, [1024, 2048]) if args.smoke else (16384, [2**20, 2**21, 2**22])
+    copy_gbps = copy_bandwidth_gbps(device)
+    plan = {
+        "select": lambda: select_rows(n, f_small, k, device),
+        "decode": lambda: decode_rows(n, f_small, d, k, device, copy_gbps),
+        "optimizer": lambda: optimizer_rows(n, f_large, d, k, device),
+        "resample": lambda: resample_rows(f_large, d, device),
+        "step": lambda: step_rows(n, f_large, d, k, device),
+        "widest": lambda: widest_rows(big_n, widths, d, k, device),
+    }
+    results = {"meta": {**stamp(device), "copy_gbps": copy_gbps}}
+    for section in args.sections.split(","):
+        if section not in plan:
+            parser.error(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
+        out = guarded(lambda _n, _f: plan[section](), 0, 0)
+        results[section] = out if isinstance(out, list) else [out]
+        for row in results[section]:
+            print(section, json.dumps(row), flush=True)
+    if args.out and not args.smoke:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
