@@ -1,7 +1,8 @@
 """Backend choice for every op: "torch" (reference), "triton" (kernels/), "cuda" (csrc/).
 
 Rules (README.md lists the environment variables):
-- ``backend="auto"`` (default): ``SAEENGINE_BACKEND`` overrides it when set; otherwise the
+- ``backend="auto"`` (default): ``SAEENGINE_BACKEND`` overrides it when set (for the ops
+  that have that backend); otherwise the
   fastest available backend for the op and device is used, falling back towards
   "torch" and logging the reason once.
 - An explicit backend (argument or ``SAEENGINE_BACKEND``) that cannot run raises
@@ -88,7 +89,8 @@ def resolve_backend(requested: str, op: str, device: torch.device) -> str:
         if override and override != "auto":
             if override not in BACKENDS:
                 raise ValueError(f"SAEENGINE_BACKEND={override!r} is not one of 'auto', {', '.join(BACKENDS)}")
-            requested = override
+            if override in OP_BACKENDS[op]:  # ops without that backend keep the automatic choice
+                requested = override
     if requested != "auto":
         reason = unavailable_reason(requested, op, device)
         if reason:
