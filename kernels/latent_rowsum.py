@@ -8,6 +8,9 @@ out[f] = sum over pairs p of latent f of coef[p] * rows[p // k]   (and sums[f] =
 
 Each latent's segment (from saeengine.ops.latent_index) is summed by one program in a
 fixed order, so the result is bitwise repeatable; latents that never fired keep a zero row.
+Given a previous call's output, the kernel adds into it instead: several codes of one
+step (the main and the AuxK code) then share one gradient buffer, with no [F, d]
+temporary per code and no sum of them.
 The grid is persistent: a fixed number of programs walks the distinct latents, whose count
 is read on the device, so the launch does not scale with the number of pairs (AuxK has
 N * k_aux of them) and the host never syncs.
@@ -26,7 +29,7 @@ from ._common import interpreting, next_pow2, target_programs
 def _latent_rowsum_kernel(
     order_ptr, unique_ptr, starts_ptr, n_unique_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
     k, d, stride_rn, stride_of,
-    HAS_SUMS: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SUMS: tl.constexpr, ACCUMULATE: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Each thread accumulates its own columns pair after pair (no cross-thread reduction);
     # UNROLL independent row gathers are issued back to back to keep loads in flight.
@@ -48,21 +51,34 @@ def _latent_rowsum_kernel(
                 r = tl.load(rows_ptr + (pair // k) * stride_rn + cols, mask=col_mask & ok, other=0.0)
                 acc += coef * r.to(tl.float32)
                 coef_sum += coef
+        if ACCUMULATE:  # this segment's sum first, then the earlier code's: a fixed order
+            acc += tl.load(out_ptr + latent * stride_of + cols, mask=col_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + latent * stride_of + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
         if HAS_SUMS:
             if tl.program_id(1) == 0:
+                if ACCUMULATE:
+                    coef_sum += tl.load(sums_ptr + latent).to(tl.float32)
                 tl.store(sums_ptr + latent, coef_sum.to(sums_ptr.dtype.element_ty))
 
 
 def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int, n_latents: int,
-                           out_dtype: torch.dtype = torch.float32, with_sums: bool = False):
+                           out_dtype: torch.dtype = torch.float32, with_sums: bool = False,
+                           out: torch.Tensor | None = None, sums: torch.Tensor | None = None):
     """index: LatentIndex over P = N*k pairs; coef [N, k]; rows [N, d] ->
-    (out [n_latents, d] of out_dtype, sums [n_latents] of out_dtype or None)."""
+    (out [n_latents, d] of out_dtype, sums [n_latents] of out_dtype or None).
+
+    ``out`` (and ``sums`` with ``with_sums``): a previous call's result, contiguous, to add
+    this call's sums into, in place; out_dtype is then theirs."""
     coef, rows = coef.contiguous(), rows.contiguous()
     n_pairs = coef.numel()
     d = rows.shape[1]
-    out = torch.zeros(n_latents, d, dtype=out_dtype, device=rows.device)
-    sums = torch.zeros(n_latents, dtype=out_dtype, device=rows.device) if with_sums else None
+    accumulate = out is not None
+    if accumulate:
+        if not out.is_contiguous() or tuple(out.shape) != (n_latents, d) or (with_sums and sums is None):
+            raise ValueError(f"out must be a contiguous [{n_latents}, {d}] buffer (and sums given with with_sums)")
+    else:
+        out = torch.zeros(n_latents, d, dtype=out_dtype, device=rows.device)
+        sums = torch.zeros(n_latents, dtype=out_dtype, device=rows.device) if with_sums else None
     if n_pairs == 0:
         return out, sums
     block_d = min(next_pow2(d), 64 if interpreting() else 512)
@@ -72,6 +88,6 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
         index.order, index.unique_latents, index.segment_starts, index.n_unique, coef, rows, out,
         sums if sums is not None else out,
         k, d, rows.stride(0), out.stride(0),
-        HAS_SUMS=with_sums, UNROLL=8, BLOCK_D=block_d, num_warps=2,
+        HAS_SUMS=with_sums, ACCUMULATE=accumulate, UNROLL=8, BLOCK_D=block_d, num_warps=2,
     )
     return out, sums

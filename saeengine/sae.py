@@ -216,17 +216,17 @@ class SAE(nn.Module):
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
         code = self._encode_normalized(xn, dead_mask, backend, k)
-        W_dec_c = ops.compute_copy(self.W_dec, code.values.dtype)  # shared by both decodes
-        x_hat = ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec, backend=backend,
-                                  latent_index=code.latent_index, weight_compute=W_dec_c, check=False)
+        codes = [(code.values, code.indices, code.latent_index)]
+        if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
+            codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
+        x_hat, *aux_out = ops.sparse_decode_codes(codes, self.W_dec, self.b_dec, backend=backend)
         xn32 = xn.float()
         err = xn32 - x_hat.float()
         total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
         fvu = err.pow(2).sum() / total_var
         auxk = torch.zeros((), device=x.device)
-        if code.aux is not None:
-            e_hat = ops.sparse_decode(code.aux.values, code.aux.indices, self.W_dec, None, backend=backend,
-                                      latent_index=code.aux.latent_index, weight_compute=W_dec_c, check=False)
+        if aux_out:
+            e_hat = aux_out[0]
             # Scaled by min(#dead / k_aux, 1) (the aux width over k_aux): a handful of dead
             # latents should not carry the full weight of the loss.
             scale = code.aux.values.shape[1] / self.cfg.effective_k_aux

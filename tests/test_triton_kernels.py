@@ -81,6 +81,15 @@ def test_latent_rowsum_kernel_matches_reference_and_is_bitwise_repeatable(kernel
     torch.testing.assert_close(sums.cpu(), sums_ref.cpu(), atol=1e-5, rtol=1e-5)
     out2, sums2 = latent_weighted_rowsum(build_latent_index(indices), coef, rows, k, f, with_sums=True)
     assert torch.equal(out, out2) and torch.equal(sums, sums2)
+    # A second code (overlapping latents) adds into the first one's buffers in place.
+    indices_b = torch.randint(0, f, (n, 3)).to(kernel_device)
+    coef_b = torch.randn(n, 3).to(kernel_device)
+    total, total_sums = latent_weighted_rowsum(build_latent_index(indices_b), coef_b, rows, 3, f, with_sums=True,
+                                               out=out2, sums=sums2)
+    assert total is out2 and total_sums is sums2
+    out_b, sums_b = latent_weighted_rowsum_ref(indices_b, coef_b, rows, f)
+    torch.testing.assert_close(total.cpu(), (out_ref + out_b).cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total_sums.cpu(), (sums_ref + sums_b).cpu(), atol=1e-5, rtol=1e-5)
 
 
 def _sae_grads(sae, x, dead, backend):

@@ -5,7 +5,8 @@ Each op's torch reference sits beside it (``*_ref``): CPU path, test oracle, bas
 
 from .code import SparseCode
 from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
-from .sparse_decode import compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_ref
+from .sparse_decode import (compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_codes,
+                            sparse_decode_ref)
 from .topk_encode import dead_latent_list, topk_encode, topk_encode_ref
 from .topk_select import topk_select, topk_select_ref
 
@@ -18,6 +19,7 @@ __all__ = [
     "latent_weighted_rowsum_ref",
     "sparse_decode",
     "sparse_decode_backward_ref",
+    "sparse_decode_codes",
     "sparse_decode_ref",
     "topk_encode",
     "topk_encode_ref",

@@ -44,40 +44,56 @@ def sparse_decode_backward_ref(grad_out: torch.Tensor, values: torch.Tensor, ind
 
 
 class SparseDecodeTriton(torch.autograd.Function):
-    """Triton forward; deterministic sparse backward through the by-latent index.
+    """Triton forward of one or more codes with one decoder; deterministic sparse backward
+    through each code's by-latent index.
 
-    Inputs: values [N, k], indices [N, k], W_dec [F, d] (the parameter, possibly fp32
-    master weights), W_compute (W_dec detached, in values' dtype), b_dec [d] in values'
-    dtype or None, latent_index. The gradient of W_dec is produced directly in W_dec's
-    dtype: no gradient for a cast copy, and no second [F, d] buffer.
+    Inputs: W_dec [F, d] (the parameter, possibly fp32 master weights), W_compute (W_dec
+    detached, in the codes' dtype), b_dec [d] in that dtype or None (added to the first
+    code's output only), latent_indexes (one LatentIndex or None per code), then each
+    code's values [N, k_i] and indices [N, k_i]. Outputs: one [N, d] per code.
+
+    W_dec's gradient is produced directly in W_dec's dtype, and the codes add into one
+    buffer (the main and the AuxK code of a step): no gradient of a cast copy, and no
+    [F, d] buffer per code for autograd to sum.
     """
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec, W_compute, b_dec, latent_index):
+    def forward(ctx, W_dec, W_compute, b_dec, latent_indexes, *codes):
         from saeengine.kernels.sparse_decode import sparse_decode_forward
 
-        ctx.save_for_backward(values, indices, W_compute, *(latent_index or ()))
+        pairs = list(zip(codes[0::2], codes[1::2]))
+        ctx.has_index = [index is not None for index in latent_indexes]
+        ctx.save_for_backward(W_compute, *codes, *(t for index in latent_indexes if index is not None for t in index))
         ctx.has_bias = b_dec is not None
         ctx.weight_dtype = W_dec.dtype
-        ctx.mark_non_differentiable(indices)
-        return sparse_decode_forward(values, indices, W_compute, b_dec)
+        ctx.mark_non_differentiable(*codes[1::2])
+        return tuple(sparse_decode_forward(values, indices, W_compute, b_dec if i == 0 else None)
+                     for i, (values, indices) in enumerate(pairs))
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
         from saeengine.kernels.sparse_decode import sparse_decode_grad_values
 
-        values, indices, W_compute, *index = ctx.saved_tensors
-        grad_values = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_values = sparse_decode_grad_values(grad_out, indices, W_compute, out_dtype=values.dtype)
-        if ctx.needs_input_grad[2]:
-            index = LatentIndex(*index) if index else build_latent_index(indices)
-            grad_W, _ = latent_weighted_rowsum(index, values, grad_out, indices.shape[1], W_compute.shape[0],
-                                               out_dtype=ctx.weight_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_b = grad_out.float().sum(0).to(grad_out.dtype)
-        return grad_values, None, grad_W, None, grad_b, None
+        W_compute, *rest = ctx.saved_tensors
+        n_codes = len(grad_outs)
+        codes, index_tensors = rest[:2 * n_codes], rest[2 * n_codes:]
+        grad_codes, grad_W = [], None
+        for i, grad_out in enumerate(grad_outs):
+            values, indices = codes[2 * i], codes[2 * i + 1]
+            grad_values = None
+            if ctx.needs_input_grad[4 + 2 * i]:
+                grad_values = sparse_decode_grad_values(grad_out, indices, W_compute, out_dtype=values.dtype)
+            grad_codes += [grad_values, None]
+            if ctx.needs_input_grad[0]:
+                if ctx.has_index[i]:
+                    index, index_tensors = LatentIndex(*index_tensors[:4]), index_tensors[4:]
+                else:
+                    index = build_latent_index(indices)
+                grad_W, _ = latent_weighted_rowsum(index, values, grad_out, indices.shape[1], W_compute.shape[0],
+                                                   out_dtype=ctx.weight_dtype, out=grad_W)
+        grad_b = grad_outs[0].float().sum(0).to(grad_outs[0].dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_W, None, grad_b, None, *grad_codes
 
 
 def compute_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -120,12 +136,27 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
         _checks.check_same_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec)
         _checks.check_compute_dtype("values", values, W_dec=W_dec, b_dec=b_dec)
         _checks.check_indices(indices, W_dec.shape[0])
+    return sparse_decode_codes([(values, indices, latent_index)], W_dec, b_dec, backend=backend,
+                               weight_compute=weight_compute)[0]
+
+
+def sparse_decode_codes(codes: list, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None, *,
+                        backend: str = "auto", weight_compute: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Decode several codes with one decoder (the main and the AuxK code of a step).
+
+    ``codes``: (values [N, k_i], indices [N, k_i], LatentIndex or None) per code, all in
+    one dtype and already validated (see :func:`sparse_decode`). b_dec is added to the
+    first code's output only. On the Triton path the codes share one autograd node, so
+    W_dec's gradient is summed in place, with no [F, d] buffer per code.
+    Returns one [N, d] tensor per code.
+    """
     backend = resolve_backend(backend, "sparse_decode", W_dec.device)
-    dtype = values.dtype
+    dtype = codes[0][0].dtype
     b = b_dec.to(dtype) if b_dec is not None else None
     if backend == "triton":
         W_c = weight_compute if weight_compute is not None else compute_copy(W_dec, dtype)
-        return SparseDecodeTriton.apply(values, indices, W_dec, W_c, b, latent_index)
-    if backend == "torch":
-        return sparse_decode_ref(values, indices, W_dec.to(dtype), b)
-    return torch.ops.saeengine.sparse_decode(values, indices, W_dec.to(dtype), b)
+        flat = [t for values, indices, _ in codes for t in (values, indices)]
+        return list(SparseDecodeTriton.apply(W_dec, W_c, b, tuple(index for _, _, index in codes), *flat))
+    W = W_dec.to(dtype)
+    decode = sparse_decode_ref if backend == "torch" else torch.ops.saeengine.sparse_decode
+    return [decode(values, indices, W, b if i == 0 else None) for i, (values, indices, _) in enumerate(codes)]

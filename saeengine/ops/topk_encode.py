@@ -67,50 +67,72 @@ def _select(x_centered, W_compute, b_enc, k, latent_subset):
 
 
 class TopKEncodeTriton(torch.autograd.Function):
-    """Fused Triton top-k forward; sparse backward through the by-latent index.
+    """Fused Triton top-k forward of one or more selections; sparse backward through the
+    by-latent index.
 
     Inputs: x_centered [N, d] (= x - b_pre), W_enc [F, d] (the parameter, possibly fp32
-    master weights), W_compute (W_enc detached, in x's dtype), b_enc [F] in x's dtype, k,
-    latent_subset. Outputs: values [N, k], indices [N, k], and the LatentIndex tensors of
-    ``indices`` (built once here, reused by the decoder's backward). W_enc's gradient comes
-    out of the segment-sum kernel in W_enc's dtype directly.
+    master weights), W_compute (W_enc detached, in x's dtype), b_enc [F] in x's dtype, and
+    selections: (k, latent_subset or None) per code (the main code, then the AuxK code).
+    Outputs per selection: values [N, k], indices [N, k], and the LatentIndex tensors of
+    ``indices`` (built once here, reused by the decoder's backward).
+
+    The selections share one autograd node: W_enc's and b_enc's gradients of all of them
+    are summed in place by the segment-sum kernel, in W_enc's dtype directly, and x's
+    gradient is one sparse decode of the joined codes.
     """
 
-    @staticmethod
-    def forward(ctx, x_centered, W_enc, W_compute, b_enc, k, latent_subset):
-        values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset)
-        index = build_latent_index(indices)
-        ctx.save_for_backward(x_centered, W_compute, values, indices, *index)
-        ctx.weight_dtype = W_enc.dtype
-        ctx.mark_non_differentiable(indices, *index)
-        return (values, indices, *index)
+    OUTPUTS_PER_CODE = 6
 
     @staticmethod
-    def backward(ctx, grad_values, *unused):
+    def forward(ctx, x_centered, W_enc, W_compute, b_enc, selections):
+        outputs = []
+        for k, latent_subset in selections:
+            values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset)
+            outputs += [values, indices, *build_latent_index(indices)]
+        ctx.save_for_backward(x_centered, W_compute, *outputs)
+        ctx.weight_dtype = W_enc.dtype
+        ctx.mark_non_differentiable(*(t for i, t in enumerate(outputs) if i % TopKEncodeTriton.OUTPUTS_PER_CODE))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
         from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
         from saeengine.kernels.sparse_decode import sparse_decode_forward
 
-        x_centered, W_compute, values, indices, *index = ctx.saved_tensors
-        # ReLU: only pairs with a positive activation pass gradient.
-        grad_pre = torch.where(values > 0, grad_values.float(), 0.0)
-        grad_x = grad_W = grad_b = None
+        x_centered, W_compute, *outputs = ctx.saved_tensors
+        per_code = TopKEncodeTriton.OUTPUTS_PER_CODE
+        grad_pres, all_indices = [], []
+        grad_W = grad_b = None
+        for start in range(0, len(outputs), per_code):
+            values, indices, *index = outputs[start:start + per_code]
+            # ReLU: only pairs with a positive activation pass gradient.
+            grad_pre = torch.where(values > 0, grads[start].float(), 0.0)
+            grad_pres.append(grad_pre)
+            all_indices.append(indices)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+                grad_W, grad_b = latent_weighted_rowsum(
+                    LatentIndex(*index), grad_pre, x_centered, indices.shape[1], W_compute.shape[0],
+                    out_dtype=ctx.weight_dtype, with_sums=True, out=grad_W, sums=grad_b)
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            # sum_j grad_pre[n, j] W_enc[indices[n, j]]: the sparse decode kernel again.
-            grad_x = sparse_decode_forward(grad_pre, indices, W_compute, out_dtype=x_centered.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad_W, grad_b = latent_weighted_rowsum(
-                LatentIndex(*index), grad_pre, x_centered, indices.shape[1], W_compute.shape[0],
-                out_dtype=ctx.weight_dtype, with_sums=True)
+            # sum_j grad_pre[n, j] W_enc[indices[n, j]] over every code: one sparse decode.
+            joined = (grad_pres[0], all_indices[0]) if len(grad_pres) == 1 else (
+                torch.cat(grad_pres, 1), torch.cat(all_indices, 1))
+            grad_x = sparse_decode_forward(*joined, W_compute, out_dtype=x_centered.dtype)
+        if grad_b is not None:
             grad_b = grad_b.to(W_compute.dtype)
-        return grad_x, grad_W, None, grad_b, None, None
+        return grad_x, grad_W, None, grad_b, None
 
 
-def _encode_triton(x_centered, W_enc, W_compute, b_enc, k, latent_subset) -> SparseCode:
+def _encode_triton(x_centered, W_enc, W_compute, b_enc, selections) -> list[SparseCode]:
+    """One SparseCode per (k, latent_subset) selection."""
     tracked = (x_centered, W_enc, b_enc)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
-        return SparseCode(*_select(x_centered, W_compute, b_enc, k, latent_subset))
-    values, indices, *index = TopKEncodeTriton.apply(x_centered, W_enc, W_compute, b_enc, k, latent_subset)
-    return SparseCode(values, indices, latent_index=LatentIndex(*index))
+        return [SparseCode(*_select(x_centered, W_compute, b_enc, k, subset)) for k, subset in selections]
+    outputs = TopKEncodeTriton.apply(x_centered, W_enc, W_compute, b_enc, tuple(selections))
+    per_code = TopKEncodeTriton.OUTPUTS_PER_CODE
+    return [SparseCode(values, indices, latent_index=LatentIndex(*index))
+            for values, indices, *index in (outputs[i:i + per_code] for i in range(0, len(outputs), per_code))]
 
 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
@@ -165,7 +187,7 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
     else:
         x_centered = x - b_pre if b_pre is not None else x
         W_c = compute_copy(W_enc, dtype)  # one cast shared by the main and the AuxK pass
-        code = _encode_triton(x_centered, W_enc, W_c, b_enc, k, None)
-        if dead is not None:
-            code.aux = _encode_triton(x_centered, W_enc, W_c, b_enc, k_dead, dead)
+        selections = [(k, None)] + ([(k_dead, dead)] if dead is not None else [])
+        code, *aux = _encode_triton(x_centered, W_enc, W_c, b_enc, selections)
+        code.aux = aux[0] if aux else None
     return code
