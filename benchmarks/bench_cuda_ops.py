@@ -11,7 +11,8 @@ Sections (--sections, comma-separated; all by default):
   resample   one resampling call with 10% of F=2^20 dead
   step       a full training step at N=4096, F=2^20: fused encoder, sparse backward and
              row-sparse Adam, against sparsify's forward+backward and fused Adam
-  widest     one full step at N=16384 for F = 2^20, 2^21, 2^22: time and peak GB, or OOM
+  widest     one full step at N=16384 for F = 2^20, 2^21, 2^22 with fp32 and bf16 Adam
+             moments: time and peak GB, or OOM, beside the bytes the shapes imply
 """
 
 from __future__ import annotations
@@ -119,14 +120,27 @@ def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor):
     return run
 
 
-def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Tensor) -> None:
+def memory_model_gb(f: int, d: int, moment_bytes: int) -> dict:
+    """Bytes the step must hold by construction (arithmetic from the shapes, not a
+    measurement): fp32 W_enc and W_dec, their dense fp32 gradients, two Adam moments each,
+    and the bf16 compute copies."""
+    weights = 2 * f * d
+    return {"params_gb": weights * 4 / 1e9, "grads_gb": weights * 4 / 1e9,
+            "moments_gb": 2 * weights * moment_bytes / 1e9, "bf16_copies_gb": weights * 2 / 1e9}
+
+
+def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Tensor,
+                     moment_dtype: torch.dtype = torch.float32) -> None:
     """row["step_ms"], row["peak_gb"] of saeengine's full step, or "OOM" (the SAE too)."""
+    row["moment_dtype"] = _dtype_name(moment_dtype)
+    row.update(memory_model_gb(f, x.shape[1], torch.finfo(moment_dtype).bits // 8))
     try:
         sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=f, k=k), device=x.device, seed=0)
+        opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype)
     except torch.OutOfMemoryError:
         row["step_ms"] = "OOM"
         return
-    measure_into(row, "step_ms", full_step(sae, RowSparseAdam(sae, lr=1e-4), x, dead), x.device, "peak_gb", sae)
+    measure_into(row, "step_ms", full_step(sae, opt, x, dead), x.device, "peak_gb", sae)
 
 
 def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict]:
@@ -155,10 +169,11 @@ def widest_rows(n: int, widths: list[int], d: int, k: int, device: torch.device)
     rows = []
     x = torch.randn(n, d, device=device)
     for f in widths:
-        rows.append({"N": n, "F": f})
-        measure_our_step(rows[-1], x, f, k, torch.rand(f, device=device) < 0.1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for moment_dtype in (torch.float32, torch.bfloat16):
+            rows.append({"N": n, "F": f})
+            measure_our_step(rows[-1], x, f, k, torch.rand(f, device=device) < 0.1, moment_dtype)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -242,3 +242,11 @@ def test_wandb_logging_and_missing_package(tmp_path, planted, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install wandb"):
         saeengine.train(planted.activations, quick(tmp_path / "again", wandb_project="saes"))
+
+
+def test_bf16_moments_train_with_row_sparse_adam(tmp_path, planted):
+    cfg = quick(tmp_path, optimizer="row_sparse_adam", moment_dtype="bfloat16", total_tokens=30 * 256)
+    sae = saeengine.train(planted.activations, cfg)
+    assert torch.isfinite(sae.W_dec).all()
+    with pytest.raises(ValueError, match="moment_dtype='bfloat16' needs optimizer='row_sparse_adam'"):
+        quick(tmp_path, moment_dtype="bfloat16")

@@ -11,6 +11,7 @@ from ..config import ARCHITECTURES, NORMALIZATIONS
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 OPTIMIZERS = ("adam", "row_sparse_adam")
+MOMENT_DTYPES = ("float32", "bfloat16")
 AUTOCAST = ("none", "bfloat16", "float16")
 # Fields that every config of a sweep must share: the SAEs read the same batches.
 SHARED_FIELDS = ("total_tokens", "batch_size", "seed", "device", "out_dir", "checkpoint_every_tokens", "resume")
@@ -55,6 +56,9 @@ class TrainConfig:
     optimizer: str = "adam"
     """adam (dense), or row_sparse_adam (only latents that fired this step are updated;
     their moments do not decay in between)."""
+    moment_dtype: str = "float32"
+    """Adam moments of row_sparse_adam: float32, or bfloat16 (half the optimizer memory;
+    what lets F=2^21 fit on one 80 GB GPU)."""
     resample_every_tokens: int = 0
     """Resample latents dead at that moment every this many tokens (0: never)."""
     auxk: bool = True
@@ -111,6 +115,10 @@ class TrainConfig:
             (self.b_dec_init in B_DEC_INITS, f"b_dec_init={self.b_dec_init!r}; choose one of {B_DEC_INITS}"),
             (self.autocast in AUTOCAST, f"autocast={self.autocast!r}; choose one of {AUTOCAST}"),
             (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}"),
+            (self.moment_dtype in MOMENT_DTYPES, f"moment_dtype={self.moment_dtype!r}; choose one of {MOMENT_DTYPES}"),
+            (self.moment_dtype == "float32" or self.optimizer == "row_sparse_adam",
+             "moment_dtype='bfloat16' needs optimizer='row_sparse_adam' (torch's Adam keeps moments in the "
+             "parameters' dtype)"),
             (self.batch_size >= 2, f"batch_size={self.batch_size}; it must be >= 2 (FVU needs two rows)"),
             (self.total_tokens >= self.batch_size,
              f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"),

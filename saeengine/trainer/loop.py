@@ -57,7 +57,7 @@ def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) 
     sae = SAE(sae_cfg, device=device, seed=cfg.seed)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "row_sparse_adam":
-        opt = RowSparseAdam(sae, lr=cfg.learning_rate, betas=betas,
+        opt = RowSparseAdam(sae, lr=cfg.learning_rate, betas=betas, moment_dtype=getattr(torch, cfg.moment_dtype),
                             backend=_optim_backend(cfg))
     else:
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=betas)
