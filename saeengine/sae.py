@@ -61,11 +61,15 @@ def _compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     return param_dtype
 
 
-def _padded_code(act: torch.Tensor) -> SparseCode:
-    """Dense non-negative activations [N, F] -> padded SparseCode (one host sync)."""
+def _padded_code(act: torch.Tensor, backend: str = "auto") -> SparseCode:
+    """Dense non-negative activations [N, F] -> padded SparseCode (one host sync).
+
+    The columns come from ops.topk_select (the CUDA radix select on GPUs); the values are
+    gathered from ``act``, so gradients flow to it."""
     width = max(int((act > 0).sum(1).max()), 1)
-    values, indices = act.topk(width, dim=1)
-    return SparseCode(values, indices)
+    select_backend = backend if backend in ("torch", "cuda") else "auto"
+    _, indices = ops.topk_select(act.detach(), width, backend=select_backend)
+    return SparseCode(act.gather(1, indices), indices)
 
 
 class SAE(nn.Module):
@@ -152,12 +156,12 @@ class SAE(nn.Module):
         pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
         if cfg.architecture == "relu":
             act = torch.relu(pre)
-            code = _padded_code(act)
+            code = _padded_code(act, backend)
             code.penalty = act.float().sum(1).mean()  # L1 (decoder rows have unit norm)
             return code
         if cfg.architecture == "jumprelu":
             threshold = self.log_threshold.exp().to(pre.dtype)
-            code = _padded_code(jumprelu(pre, threshold, cfg.jumprelu_bandwidth))
+            code = _padded_code(jumprelu(pre, threshold, cfg.jumprelu_bandwidth), backend)
             code.penalty = step_l0(pre, threshold, cfg.jumprelu_bandwidth).float().sum(1).mean()
             return code
         act = torch.relu(pre)

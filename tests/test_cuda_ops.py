@@ -229,3 +229,17 @@ def test_cuda_ops_pass_opcheck():
                           (p, torch.randn(20, device="cuda"), torch.randn(20, 16, device="cuda"),
                            torch.rand(20, device="cuda") < 0.3, x, torch.arange(1, 7, device="cuda").double(),
                            torch.ones(1, device="cuda"), 3, m, v, None, None, None, None))
+
+
+@requires_gpu
+@requires_extension
+def test_relu_sae_codes_use_cuda_select_and_keep_gradients():
+    from saeengine import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=64, d_sae=4096, architecture="relu"), device="cuda", seed=0)
+    x = torch.randn(128, 64, device="cuda")
+    out_cuda = sae(x, backend="cuda")
+    out_torch = sae(x, backend="torch")
+    assert torch.equal(out_cuda.code.values, out_torch.code.values)
+    out_cuda.loss.backward()
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0

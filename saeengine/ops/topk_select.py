@@ -27,8 +27,8 @@ def topk_select(x: torch.Tensor, k: int, *, backend: str = "auto") -> tuple[torc
     """The k largest entries of each row of x, sorted descending.
 
     Args:
-        x: [N, F] float32, float16 or bfloat16.
-        k: 1 <= k <= F (the cuda backend takes k <= 1024; "auto" then uses torch).
+        x: [N, F] float32, float16 or bfloat16 (float64 on the torch backend).
+        k: 1 <= k <= F (the cuda backend takes k <= 1024; "auto" uses torch beyond).
         backend: "auto", "torch" or "cuda". The cuda kernel breaks ties towards the lower
             column and ranks NaN above every number (as torch.topk does); its output is the
             same on every run.
@@ -39,7 +39,7 @@ def topk_select(x: torch.Tensor, k: int, *, backend: str = "auto") -> tuple[torc
     _checks.check_float("x", x)
     if not 1 <= k <= x.shape[1]:
         raise ValueError(f"k={k} must lie in [1, F={x.shape[1]}]")
-    if backend == "auto" and k > CUDA_MAX_K:
+    if backend == "auto" and (k > CUDA_MAX_K or x.dtype == torch.float64):  # beyond the kernel
         backend = "torch"
     backend = resolve_backend(backend, "topk_select", x.device)
     if backend == "cuda":
