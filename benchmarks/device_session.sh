@@ -27,12 +27,12 @@ for s in "$@"; do
       ;;
     gputests)
       stage gputests
-      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py tests/test_optim.py -k "gpu or cuda or master or sae_forward" -rs > "$OUT/pytest_gpu.log" 2>&1
+      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py tests/test_optim.py tests/test_gemm_topk.py -k "gpu or cuda or master or sae_forward or gemm" -rs > "$OUT/pytest_gpu.log" 2>&1
       echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
       ;;
     tune)
       stage tune
-      timeout 200 python3 benchmarks/tune_topk_encode.py --out "$OUT/tune.json" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+      timeout ${TUNE_TIMEOUT:-200} python3 benchmarks/tune_topk_encode.py --out "$OUT/tune.json" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
       echo "tune rc=$?"; grep -E "^ +[0-9]+ " "$OUT/tune.log" || tail -20 "$OUT/tune.log"
       ;;
     bench)

@@ -4,10 +4,11 @@
 
 For each (N, F) at d=1024, k=32, bf16: the cuBLAS GEMM x W^T alone, then every tiling in
 TILINGS (both selection methods, and the tilemerge kernel with selection switched off,
-which times the Triton GEMM + epilogue alone). Each variant's top-k is checked against
-torch.topk on the same bf16 pre-activations (the fraction of rows whose index sets match,
+which times the Triton GEMM + epilogue alone), then the chunked GEMM + top-k select
+encoder (backend "cuda") per chunk size, overlap and per-chunk select. Each variant's top-k
+is checked against torch.topk on the same bf16 pre-activations (the fraction of rows whose index sets match,
 ties aside) before it is timed. Then a torch.profiler breakdown of one encode and of one
-forward + backward step (AuxK, 10% dead) with the default tiling.
+forward + backward step (AuxK, 10% dead) for the triton and cuda backends.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from run_benchmarks import stamp  # noqa: E402
 
 import saeengine  # noqa: E402
 from saeengine import SAE, SAEConfig  # noqa: E402
-from saeengine.ops import topk_encode_ref  # noqa: E402
+from saeengine.ops import topk_encode_ref, topk_select  # noqa: E402
+from saeengine.ops.gemm_topk import chunk_columns, gemm_topk_encode  # noqa: E402
 from saeengine.kernels.sparse_decode import sparse_decode_forward  # noqa: E402
 from saeengine.kernels.topk_encode import EncodeTiling, topk_encode_forward  # noqa: E402
 
@@ -115,10 +117,55 @@ def sweep(n: int, f: int, d: int, k: int, sections: set[str]) -> list[dict]:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if "gemm" in sections:
+        rows += gemm_variants(n, f, k, x, W, b, dead, pre, gemm)
     return rows
 
 
-def breakdown(n: int, f: int, d: int, k: int) -> dict:
+GEMM_CHUNK_MB = (64, 256, 1024)
+
+
+def gemm_variants(n, f, k, x, W, b, dead, pre, gemm) -> list[dict]:
+    """The chunked cuBLAS GEMM + top-k select encoder (backend "cuda"): chunk sizes, the
+    side-stream overlap, CUDA against torch.topk per chunk; one chunk's GEMM and select
+    alone; and the AuxK code (k=512 over the dead latents) through it."""
+    rows = []
+
+    def record(variant, fn, check=None):
+        row = {"N": n, "F": f, "variant": variant}
+        try:
+            if check is not None:
+                row["agree"] = check()
+            row["ms"] = ms(fn)
+            row["over_gemm"] = row["ms"] / gemm
+        except Exception as exc:  # noqa: BLE001 - an unbuilt extension or a kernel bug is a row, not the end
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for mb in GEMM_CHUNK_MB:
+        for overlap in (False, True):
+            for select in ("cuda", "torch"):
+                options = dict(chunk_bytes=mb * 2**20, overlap=overlap, select_backend=select)
+                record(f"gemm:{mb}MB:{'overlap' if overlap else 'serial'}:{select}",
+                       lambda: gemm_topk_encode(x, W, b, k, **options),
+                       lambda: agreement(*gemm_topk_encode(x, W, b, k, **options), pre))
+    cols = chunk_columns(n, f, x.element_size())
+    chunk = x @ W[:cols].T
+    record(f"gemm:one_chunk_{cols}:addmm", lambda: torch.addmm(b[:cols], x, W[:cols].T, out=chunk))
+    for select in ("cuda", "torch"):
+        record(f"gemm:one_chunk_{cols}:select_{select}", lambda: topk_select(chunk, k, backend=select))
+    def auxk_agreement(select):
+        values, indices = gemm_topk_encode(x, W, b, 512, dead, select_backend=select)
+        return agreement(values, torch.searchsorted(dead, indices), pre[:, dead])
+
+    for select in ("cuda", "torch"):
+        record(f"auxk512:gemm:{select}", lambda: gemm_topk_encode(x, W, b, 512, dead, select_backend=select),
+               lambda: auxk_agreement(select))
+    return rows
+
+
+def breakdown(n: int, f: int, d: int, k: int, backend: str = "triton") -> dict:
     """Per-kernel CUDA time (ms per call) of one encode and one forward + backward step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -128,12 +175,12 @@ def breakdown(n: int, f: int, d: int, k: int) -> dict:
 
     def encode():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            sae.encode(x, backend="triton")
+            sae.encode(x, backend=backend)
 
     def step():
         sae.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = sae(x, dead_mask=dead, backend="triton", check=False)
+            out = sae(x, dead_mask=dead, backend=backend, check=False)
         out.loss.backward()
 
     result = {}
@@ -151,7 +198,7 @@ def breakdown(n: int, f: int, d: int, k: int) -> dict:
             if cuda_us:
                 table[evt.key[:90]] = round(cuda_us / 5 / 1e3, 4)
         result[name] = dict(sorted(table.items(), key=lambda kv: -kv[1])[:25])
-        print(name, json.dumps(result[name], indent=1), flush=True)
+        print(backend, name, json.dumps(result[name], indent=1), flush=True)
     return result
 
 
@@ -159,8 +206,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shapes", default="4096x65536,4096x262144", help="comma-separated NxF")
-    parser.add_argument("--sections", default="encode,decode,auxk,breakdown",
-                        help="comma-separated subset of encode,decode,auxk,breakdown")
+    parser.add_argument("--sections", default="encode,decode,auxk,gemm,breakdown",
+                        help="comma-separated subset of encode,decode,auxk,gemm,breakdown")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_topk_encode.py needs a CUDA GPU", file=sys.stderr)
@@ -173,10 +220,11 @@ def main(argv=None) -> int:
         report["sweep"] += sweep(n, f, d, k, sections)
         args.out.write_text(json.dumps(report, indent=1))
     if "breakdown" in sections:
-        try:
-            report["breakdown"] = breakdown(4096, 2**18, d, k)
-        except Exception:
-            report["breakdown"] = {"error": traceback.format_exc()[-2000:]}
+        for backend in ("triton", "cuda"):
+            try:
+                report["breakdown"][backend] = breakdown(4096, 2**18, d, k, backend)
+            except Exception:
+                report["breakdown"][backend] = {"error": traceback.format_exc()[-2000:]}
     args.out.write_text(json.dumps(report, indent=1))
     for row in report["sweep"]:
         print(f"{row['N']:>6} {row['F']:>8} {row['variant']:<40} {row.get('ms', float('nan')):8.3f} ms "

@@ -26,13 +26,17 @@ BACKENDS = ("torch", "triton", "cuda")
 
 # Which backends implement each op, fastest first ("auto" takes the first that runs).
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "topk_encode": ("triton", "torch"),
+    "topk_encode": ("triton", "cuda", "torch"),
     "sparse_decode": ("triton", "cuda", "torch"),
     "topk_select": ("cuda", "torch"),
     "row_sparse_adam": ("cuda", "torch"),
     "resample_dead": ("cuda", "torch"),
     "mark_fired": ("cuda", "torch"),
 }
+
+
+# Backends that lean on another one: the cuda encoder's backward runs the Triton kernels.
+ALSO_NEEDS: dict[tuple[str, str], str] = {("topk_encode", "cuda"): "triton"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,7 +75,8 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> str:
             return reason
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors (got {device})"
-        return ""
+        helper = ALSO_NEEDS.get((op, backend))
+        return unavailable_reason(helper, op, device) if helper else ""
     raise AssertionError(backend)
 
 

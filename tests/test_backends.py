@@ -24,8 +24,10 @@ def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
         resolve_backend("triton", "topk_encode", CPU)
     with pytest.raises(BackendUnavailableError, match="cuda backend needs CUDA tensors|saeengine._C is not built"):
         resolve_backend("cuda", "sparse_decode", CPU)
-    with pytest.raises(BackendUnavailableError, match="topk_encode has no cuda implementation"):
+    with pytest.raises(BackendUnavailableError, match="cuda backend needs CUDA tensors|saeengine._C is not built"):
         resolve_backend("cuda", "topk_encode", CPU)
+    with pytest.raises(BackendUnavailableError, match="mark_fired has no triton implementation"):
+        resolve_backend("triton", "mark_fired", CPU)
     with pytest.raises(ValueError, match="backend='fast'"):
         resolve_backend("fast", "topk_encode", CPU)
 
@@ -41,6 +43,18 @@ def test_env_override_applies_to_auto_only(monkeypatch):
     monkeypatch.setenv("SAEENGINE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="SAEENGINE_BACKEND='bogus'"):
         resolve_backend("auto", "sparse_decode", CPU)
+
+
+def test_cuda_encoder_needs_triton_for_its_backward(monkeypatch):
+    """The cuda encoder's backward runs Triton kernels: without triton it is unavailable
+    and says so, while the pure CUDA ops stay available."""
+    monkeypatch.delenv("SAEENGINE_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_triton_import_problem", lambda: "triton is not installed (test)")
+    monkeypatch.setattr(backends, "load_extension", lambda: (True, ""))
+    cuda = torch.device("cuda")
+    assert backends.unavailable_reason("cuda", "topk_select", cuda) == ""
+    assert "triton is not installed" in backends.unavailable_reason("cuda", "topk_encode", cuda)
+    assert resolve_backend("auto", "topk_encode", cuda) == "torch"
 
 
 def test_auto_falls_back_and_logs_once(monkeypatch, caplog):

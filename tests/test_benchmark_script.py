@@ -56,3 +56,13 @@ def test_cuda_ops_benchmark_smoke_runs(capsys):
     for section in module.SECTIONS:
         assert f"{section} {{" in out, section
     assert "error" not in out
+
+
+def test_summary_takes_the_fastest_backend_as_ours():
+    module = load_script()
+    row = {"gemm_ms": 2.0, "encode_triton_ms": 8.0, "encode_cuda_ms": 3.0, "encode_sparsify_ms": 12.0,
+           "fwd_bwd_triton_ms": 20.0, "fwd_bwd_cuda_ms": "OOM", "fwd_bwd_sparsify_ms": 30.0}
+    module.summarize(row, ["triton", "cuda"])
+    assert row["encode_best_backend"] == "cuda" and row["encode_over_gemm"] == 1.5
+    assert row["encode_speedup_vs_sparsify"] == 4.0
+    assert row["fwd_bwd_best_backend"] == "triton" and row["fwd_bwd_speedup_vs_sparsify"] == 1.5

@@ -129,7 +129,8 @@ def test_cuda_sparse_decode_backward_matches_reference_and_repeats(dtype, n, k, 
 @requires_gpu
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (7, 333, 333), (64, 5000, 32), (4096, 2**18, 32), (3, 70_000, 1024)])
+@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (7, 333, 333), (64, 5000, 32), (5, 5001, 300), (4096, 2**18, 32),
+                                   (3, 70_000, 1024)])
 def test_cuda_topk_select_matches_torch(dtype, n, f, k):
     x = torch.randn(n, f, device="cuda").to(dtype)
     values, indices = ops.topk_select(x, k, backend="cuda")
@@ -139,6 +140,22 @@ def test_cuda_topk_select_matches_torch(dtype, n, f, k):
     assert (indices.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
     again = ops.topk_select(x, k, backend="cuda")
     assert torch.equal(again[0], values) and torch.equal(again[1], indices)
+
+
+@requires_gpu
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [32, 700])
+def test_cuda_topk_select_heavy_ties_pick_the_lower_columns(dtype, k):
+    """Integer data: hundreds of ties at the k-th place, so both the threshold fast path and
+    the radix fallback run; the answer must be the stable descending order's first k."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randint(0, 60, (9, 10_001), device="cuda", generator=gen).to(dtype)
+    x[3, :2500] = 59  # a row whose ties alone overflow the shared-memory capacity
+    values, indices = ops.topk_select(x, k, backend="cuda")
+    expected = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices, expected)
+    assert torch.equal(values, torch.gather(x, 1, expected))
 
 
 @requires_gpu

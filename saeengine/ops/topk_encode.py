@@ -1,7 +1,9 @@
 """TopK encoding: (values, indices) = top-k of relu((x - b_pre) W_enc^T + b_enc) per row.
 
-Layers: torch reference (here) | fused Triton kernel (kernels/topk_encode.py) wired by
-``TopKEncodeTriton`` with a sparse backward | functional :func:`topk_encode`.
+Layers: torch reference (here) | forward selection by the fused Triton kernel
+(kernels/topk_encode.py, backend "triton") or by chunked cuBLAS GEMM + CUDA top-k select
+(:mod:`.gemm_topk`, backend "cuda"), wired by ``TopKEncodeFunction`` with one sparse backward
+(Triton segment-sum and decode kernels) | functional :func:`topk_encode`.
 The AuxK code (top-min(k_aux, #dead) over the dead latents only) is a second pass of the
 same kernel over the dead rows of W_enc alone (a tenth of the work when 10% are dead); its
 gradient reaches the encoder like the main code's. Listing the dead latents costs one host
@@ -16,6 +18,7 @@ from saeengine.backends import resolve_backend
 
 from . import _checks
 from .code import SparseCode
+from .gemm_topk import gemm_topk_encode
 from .latent_index import LatentIndex, build_latent_index
 from .sparse_decode import compute_copy
 
@@ -49,26 +52,26 @@ def dead_latent_list(dead_mask: torch.Tensor | None, k_aux: int) -> tuple[torch.
 
 
 # A wide code over a subset (AuxK: k_aux = d/2 = 512 over the dead latents) is selected
-# densely: the fused kernel's selection cost grows with k (k=512 over 26k dead latents took
-# 10.3 ms on an H100, 3x the full F=2^18 GEMM), while the subset's GEMM is small and the
-# [N, F_sub] matrix is a tenth of [N, F] at 10% dead. The backward stays sparse either way.
+# densely, chunk by chunk: the fused kernel's selection cost grows with k (k=512 over 26k
+# dead latents took 10.3 ms on an H100, 3x the full F=2^18 GEMM), while the subset's GEMM
+# is small (a tenth of the full one at 10% dead). The backward stays sparse either way.
 DENSE_SELECT_MIN_K = 129
-DENSE_SELECT_MAX_ELEMENTS = 2**31
 
 
-def _select(x_centered, W_compute, b_enc, k, latent_subset):
-    """Forward selection of the Triton path: (values [N, k], indices [N, k])."""
+def _select(x_centered, W_compute, b_enc, k, latent_subset, method):
+    """Forward selection: (values [N, k], indices [N, k]). method: "fused" (the Triton
+    kernel; wide subset codes go dense) or "gemm" (chunked cuBLAS GEMM + top-k select)."""
     from saeengine.kernels.topk_encode import topk_encode_forward
 
-    if (latent_subset is not None and k >= DENSE_SELECT_MIN_K
-            and x_centered.shape[0] * latent_subset.numel() <= DENSE_SELECT_MAX_ELEMENTS):
-        return topk_encode_ref(x_centered, W_compute, b_enc, k, latent_subset=latent_subset)
-    return topk_encode_forward(x_centered, W_compute, b_enc, k, latent_subset)
+    fused, select_backend = {"fused": (True, "torch"), "gemm": (False, "auto")}[method]
+    if fused and not (latent_subset is not None and k >= DENSE_SELECT_MIN_K):
+        return topk_encode_forward(x_centered, W_compute, b_enc, k, latent_subset)
+    return gemm_topk_encode(x_centered, W_compute, b_enc, k, latent_subset, select_backend=select_backend)
 
 
-class TopKEncodeTriton(torch.autograd.Function):
-    """Fused Triton top-k forward of one or more selections; sparse backward through the
-    by-latent index.
+class TopKEncodeFunction(torch.autograd.Function):
+    """Top-k forward of one or more selections (``method``: see :func:`_select`); sparse
+    backward through the by-latent index, by the Triton kernels.
 
     Inputs: x_centered [N, d] (= x - b_pre), W_enc [F, d] (the parameter, possibly fp32
     master weights), W_compute (W_enc detached, in x's dtype), b_enc [F] in x's dtype, and
@@ -84,14 +87,14 @@ class TopKEncodeTriton(torch.autograd.Function):
     OUTPUTS_PER_CODE = 6
 
     @staticmethod
-    def forward(ctx, x_centered, W_enc, W_compute, b_enc, selections):
+    def forward(ctx, x_centered, W_enc, W_compute, b_enc, selections, method):
         outputs = []
         for k, latent_subset in selections:
-            values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset)
+            values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset, method)
             outputs += [values, indices, *build_latent_index(indices)]
         ctx.save_for_backward(x_centered, W_compute, *outputs)
         ctx.weight_dtype = W_enc.dtype
-        ctx.mark_non_differentiable(*(t for i, t in enumerate(outputs) if i % TopKEncodeTriton.OUTPUTS_PER_CODE))
+        ctx.mark_non_differentiable(*(t for i, t in enumerate(outputs) if i % TopKEncodeFunction.OUTPUTS_PER_CODE))
         return tuple(outputs)
 
     @staticmethod
@@ -100,7 +103,7 @@ class TopKEncodeTriton(torch.autograd.Function):
         from saeengine.kernels.sparse_decode import sparse_decode_forward
 
         x_centered, W_compute, *outputs = ctx.saved_tensors
-        per_code = TopKEncodeTriton.OUTPUTS_PER_CODE
+        per_code = TopKEncodeFunction.OUTPUTS_PER_CODE
         grad_pres, all_indices = [], []
         grad_W = grad_b = None
         for start in range(0, len(outputs), per_code):
@@ -121,16 +124,16 @@ class TopKEncodeTriton(torch.autograd.Function):
             grad_x = sparse_decode_forward(*joined, W_compute, out_dtype=x_centered.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(W_compute.dtype)
-        return grad_x, grad_W, None, grad_b, None
+        return grad_x, grad_W, None, grad_b, None, None
 
 
-def _encode_triton(x_centered, W_enc, W_compute, b_enc, selections) -> list[SparseCode]:
+def _encode_sparse(x_centered, W_enc, W_compute, b_enc, selections, method) -> list[SparseCode]:
     """One SparseCode per (k, latent_subset) selection."""
     tracked = (x_centered, W_enc, b_enc)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
-        return [SparseCode(*_select(x_centered, W_compute, b_enc, k, subset)) for k, subset in selections]
-    outputs = TopKEncodeTriton.apply(x_centered, W_enc, W_compute, b_enc, tuple(selections))
-    per_code = TopKEncodeTriton.OUTPUTS_PER_CODE
+        return [SparseCode(*_select(x_centered, W_compute, b_enc, k, subset, method)) for k, subset in selections]
+    outputs = TopKEncodeFunction.apply(x_centered, W_enc, W_compute, b_enc, tuple(selections), method)
+    per_code = TopKEncodeFunction.OUTPUTS_PER_CODE
     return [SparseCode(values, indices, latent_index=LatentIndex(*index))
             for values, indices, *index in (outputs[i:i + per_code] for i in range(0, len(outputs), per_code))]
 
@@ -141,7 +144,7 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row.
 
     Computes in x's dtype. W_enc, b_enc and b_pre are in that dtype too, or float32 master
-    weights (mixed precision): the Triton path then returns W_enc's gradient in float32
+    weights (mixed precision): the triton and cuda paths then return W_enc's gradient in float32
     directly, with no gradient buffer for a cast copy.
 
     Args:
@@ -152,7 +155,9 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         dead_mask: [F] bool, True for dead latents; with ``k_aux > 0`` and any latent
             dead, the result's ``aux`` holds the top-min(k_aux, #dead) over the dead
             latents only (AuxK); one host sync counts them.
-        backend: "auto", "torch" or "triton" (see saeengine.backends).
+        backend: "auto", "torch", "triton" (fused kernel) or "cuda" (chunked cuBLAS GEMM
+            + CUDA top-k select); both share the sparse Triton backward (see
+            saeengine.backends).
         check: validate shapes, devices, dtypes and finiteness (one host sync).
     Returns:
         :class:`SparseCode` with values [N, k] (x's dtype, sorted descending) and
@@ -188,6 +193,7 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         x_centered = x - b_pre if b_pre is not None else x
         W_c = compute_copy(W_enc, dtype)  # one cast shared by the main and the AuxK pass
         selections = [(k, None)] + ([(k_dead, dead)] if dead is not None else [])
-        code, *aux = _encode_triton(x_centered, W_enc, W_c, b_enc, selections)
+        method = "fused" if backend == "triton" else "gemm"
+        code, *aux = _encode_sparse(x_centered, W_enc, W_c, b_enc, selections, method)
         code.aux = aux[0] if aux else None
     return code

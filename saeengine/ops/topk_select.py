@@ -3,8 +3,9 @@ pre-activations exist anyway (BatchTopK over a batch, JumpReLU-to-TopK conversio
 codes at inference).
 
 Layers: torch reference :func:`topk_select_ref` (torch.topk) | CUDA op
-``torch.ops.saeengine.topk_select`` (csrc/topk_select.cu: radix select, then a sort in
-shared memory) | functional :func:`topk_select`.
+``torch.ops.saeengine.topk_select`` (csrc/topk_select.cu: a threshold from per-thread
+maxima, or radix select when ties crowd it, then a sort in shared memory) | functional
+:func:`topk_select`.
 """
 
 from __future__ import annotations
