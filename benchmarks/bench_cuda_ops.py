@@ -7,12 +7,15 @@ Sections (--sections, comma-separated; all by default):
   select     topk_select (cuda) against torch.topk, N=4096, F=2^18, k=32, fp32 and bf16
   decode     sparse decode forward and backward, cuda against triton; forward GB/s of the
              gathered bytes (N*k*d*bytes) as a fraction of the measured copy bandwidth
-  optimizer  row-sparse Adam (cuda, the rows of one step) against dense fused torch Adam, F=2^20
+  optimizer  row-sparse Adam (cuda, the rows of one step; dense and sparse weight gradients)
+             against dense fused torch Adam, F=2^20
   resample   one resampling call with 10% of F=2^20 dead
-  step       a full training step at N=4096, F=2^20: fused encoder, sparse backward and
-             row-sparse Adam, against sparsify's forward+backward and fused Adam
+  step       a full training step at N=4096, F=2^20: encoder, sparse backward and
+             row-sparse Adam, with sparse weight gradients (and once with dense ones),
+             against sparsify's forward+backward and fused Adam
   widest     one full step at N=16384 for F = 2^20, 2^21, 2^22 with fp32 and bf16 Adam
-             moments: time and peak GB, or OOM, beside the bytes the shapes imply
+             moments and sparse weight gradients: time and peak GB, or OOM, beside the
+             bytes the shapes imply
 """
 
 from __future__ import annotations
@@ -88,11 +91,17 @@ def optimizer_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list
     rows = _step_rows(n, f, k, device)
     row = {"N": n, "F": f, "d": d, "rows": int(rows.numel())}
     for backend in saeengine.available_backends("row_sparse_adam", device):
-        opt = RowSparseAdam(sae, lr=1e-4, backend=backend)
-        row[f"row_sparse_{backend}_ms"] = bench_ms(lambda: opt.step(rows), device)
-        del opt
+        row[f"row_sparse_{backend}_ms"] = bench_ms(
+            lambda opt=RowSparseAdam(sae, lr=1e-4, backend=backend): opt.step(rows), device)
     dense = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device.type == "cuda")
     row["dense_adam_ms"] = bench_ms(dense.step, device)
+    del dense
+    # The same step reading sparse weight gradients (the rows only, as the trainer gives them).
+    for W in (sae.W_enc, sae.W_dec):
+        W.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), W.grad[rows], W.shape, check_invariants=False).coalesce()
+    for backend in saeengine.available_backends("row_sparse_adam", device):
+        row[f"row_sparse_{backend}_sparse_grad_ms"] = bench_ms(
+            lambda opt=RowSparseAdam(sae, lr=1e-4, backend=backend): opt.step(rows), device)
     return [row]
 
 
@@ -108,45 +117,54 @@ def resample_rows(f: int, d: int, device: torch.device) -> list[dict]:
     return [row]
 
 
-def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor):
-    """Forward (bf16 autocast, AuxK) + backward + row-sparse Adam on the rows that fired."""
+def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, sparse_grad: bool = True):
+    """Forward (bf16 autocast, AuxK) + backward + row-sparse Adam on the rows that fired;
+    the weight gradients are sparse rows unless ``sparse_grad`` is False."""
     def run():
         sae.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = sae(x, dead_mask=dead, check=False)
+            out = sae(x, dead_mask=dead, check=False, sparse_grad=sparse_grad)
         out.loss.backward()
         parts = [out.code.indices.reshape(-1)] + ([out.code.aux.indices.reshape(-1)] if out.code.aux else [])
         opt.step(torch.unique(torch.cat(parts)))
     return run
 
 
-def memory_model_gb(f: int, d: int, moment_bytes: int) -> dict:
+def memory_model_gb(f: int, d: int, moment_bytes: int, grad_rows: int) -> dict:
     """Bytes the step must hold by construction (arithmetic from the shapes, not a
-    measurement): fp32 W_enc and W_dec, their dense fp32 gradients, two Adam moments each,
-    and the bf16 compute copies."""
+    measurement): fp32 W_enc and W_dec, fp32 gradients of ``grad_rows`` rows each (F when
+    dense), two Adam moments each, and the bf16 compute copies."""
     weights = 2 * f * d
-    return {"params_gb": weights * 4 / 1e9, "grads_gb": weights * 4 / 1e9,
+    return {"params_gb": weights * 4 / 1e9, "grads_gb": 2 * grad_rows * d * 4 / 1e9,
             "moments_gb": 2 * weights * moment_bytes / 1e9, "bf16_copies_gb": weights * 2 / 1e9}
 
 
 def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Tensor,
-                     moment_dtype: torch.dtype = torch.float32) -> None:
+                     moment_dtype: torch.dtype = torch.float32, sparse_grad: bool = True) -> None:
     """row["step_ms"], row["peak_gb"] of saeengine's full step, or "OOM" (the SAE too)."""
     row["moment_dtype"] = _dtype_name(moment_dtype)
-    row.update(memory_model_gb(f, x.shape[1], torch.finfo(moment_dtype).bits // 8))
+    row["sparse_grad"] = sparse_grad
+    # Sparse gradients hold the rows the codes chose: at most N*k main rows plus the dead ones.
+    grad_rows = min(f, x.shape[0] * k + int(dead.sum())) if sparse_grad else f
+    row.update(memory_model_gb(f, x.shape[1], torch.finfo(moment_dtype).bits // 8, grad_rows))
     try:
         sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=f, k=k), device=x.device, seed=0)
         opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype)
     except torch.OutOfMemoryError:
         row["step_ms"] = "OOM"
         return
-    measure_into(row, "step_ms", full_step(sae, opt, x, dead), x.device, "peak_gb", sae)
+    measure_into(row, "step_ms", full_step(sae, opt, x, dead, sparse_grad), x.device, "peak_gb", sae)
 
 
 def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict]:
     x = torch.randn(n, d, device=device)
     dead = torch.rand(f, device=device) < 0.1
     row = {"N": n, "F": f, "d": d, "k": k}
+    dense = {}
+    measure_our_step(dense, x, f, k, dead, sparse_grad=False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    row.update(step_dense_grad_ms=dense.get("step_ms"), peak_dense_grad_gb=dense.get("peak_gb"))
     measure_our_step(row, x, f, k, dead)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -11,6 +11,9 @@ fixed order, so the result is bitwise repeatable; latents that never fired keep 
 Given a previous call's output, the kernel adds into it instead: several codes of one
 step (the main and the AuxK code) then share one gradient buffer, with no [F, d]
 temporary per code and no sum of them.
+With ``compact_rows`` the output holds one row per distinct latent instead, in ascending
+latent order (row u belongs to ``index.unique_latents[u]``): the rows of a sparse
+gradient, with no [F, d] buffer at all.
 The grid is persistent: a fixed number of programs walks the distinct latents, whose count
 is read on the device, so the launch does not scale with the number of pairs (AuxK has
 N * k_aux of them) and the host never syncs.
@@ -29,7 +32,8 @@ from ._common import interpreting, next_pow2, target_programs
 def _latent_rowsum_kernel(
     order_ptr, unique_ptr, starts_ptr, n_unique_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
     k, d, stride_rn, stride_of,
-    HAS_SUMS: tl.constexpr, ACCUMULATE: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SUMS: tl.constexpr, ACCUMULATE: tl.constexpr, COMPACT: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Each thread accumulates its own columns pair after pair (no cross-thread reduction);
     # UNROLL independent row gathers are issued back to back to keep loads in flight.
@@ -37,7 +41,7 @@ def _latent_rowsum_kernel(
     col_mask = cols < d
     n_unique = tl.load(n_unique_ptr)
     for slot in range(tl.program_id(0), n_unique, tl.num_programs(0)):
-        latent = tl.load(unique_ptr + slot)
+        latent = slot if COMPACT else tl.load(unique_ptr + slot)  # the output row
         start = tl.load(starts_ptr + slot)
         end = tl.load(starts_ptr + slot + 1)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -63,16 +67,23 @@ def _latent_rowsum_kernel(
 
 def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int, n_latents: int,
                            out_dtype: torch.dtype = torch.float32, with_sums: bool = False,
-                           out: torch.Tensor | None = None, sums: torch.Tensor | None = None):
+                           out: torch.Tensor | None = None, sums: torch.Tensor | None = None,
+                           compact_rows: int | None = None):
     """index: LatentIndex over P = N*k pairs; coef [N, k]; rows [N, d] ->
     (out [n_latents, d] of out_dtype, sums [n_latents] of out_dtype or None).
 
     ``out`` (and ``sums`` with ``with_sums``): a previous call's result, contiguous, to add
-    this call's sums into, in place; out_dtype is then theirs."""
+    this call's sums into, in place; out_dtype is then theirs.
+    ``compact_rows``: the number of distinct latents (int(index.n_unique)); out is then
+    [compact_rows, d] and sums [compact_rows], row u for latent index.unique_latents[u]."""
     coef, rows = coef.contiguous(), rows.contiguous()
     n_pairs = coef.numel()
     d = rows.shape[1]
     accumulate = out is not None
+    if compact_rows is not None:
+        if accumulate:
+            raise ValueError("compact_rows and out= do not combine: each code's distinct latents differ")
+        n_latents = compact_rows
     if accumulate:
         if not out.is_contiguous() or tuple(out.shape) != (n_latents, d) or (with_sums and sums is None):
             raise ValueError(f"out must be a contiguous [{n_latents}, {d}] buffer (and sums given with with_sums)")
@@ -88,6 +99,6 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
         index.order, index.unique_latents, index.segment_starts, index.n_unique, coef, rows, out,
         sums if sums is not None else out,
         k, d, rows.stride(0), out.stride(0),
-        HAS_SUMS=with_sums, ACCUMULATE=accumulate, UNROLL=8, BLOCK_D=block_d, num_warps=2,
+        HAS_SUMS=with_sums, ACCUMULATE=accumulate, COMPACT=compact_rows is not None, UNROLL=8, BLOCK_D=block_d, num_warps=2,
     )
     return out, sums

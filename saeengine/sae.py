@@ -145,13 +145,13 @@ class SAE(nn.Module):
         return tuple(getattr(self, name).to(dtype) for name in names)
 
     def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str,
-                           k: int | None = None) -> SparseCode:
+                           k: int | None = None, sparse_grad: bool = False) -> SparseCode:
         cfg = self.cfg
         k = k or cfg.k
         if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
             return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_mask=dead_mask,
                                    k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
-                                   backend=backend, check=False)
+                                   backend=backend, sparse_grad=sparse_grad, check=False)
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
         pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
         if cfg.architecture == "relu":
@@ -204,9 +204,12 @@ class SAE(nn.Module):
         return self.denormalize(out)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
-                backend: str = "auto", check: bool = True, k: int | None = None) -> ForwardOutput:
+                backend: str = "auto", check: bool = True, k: int | None = None,
+                sparse_grad: bool = False) -> ForwardOutput:
         """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk);
-        ``k`` overrides cfg.k for this call (k annealing in the trainer)."""
+        ``k`` overrides cfg.k for this call (k annealing in the trainer); ``sparse_grad``
+        makes W_enc's and W_dec's gradients sparse COO tensors of the chosen latents' rows
+        on the GPU paths (for RowSparseAdam; no [d_sae, d_in] gradient buffers)."""
         self._check_input(x, check)
         if k is not None and (self.cfg.architecture not in ("topk", "batchtopk") or not 1 <= k <= self.cfg.d_sae):
             raise ValueError(f"k={k} applies to topk and batchtopk SAEs and must lie in [1, d_sae={self.cfg.d_sae}]"
@@ -219,11 +222,12 @@ class SAE(nn.Module):
                 raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        code = self._encode_normalized(xn, dead_mask, backend, k)
+        code = self._encode_normalized(xn, dead_mask, backend, k, sparse_grad)
         codes = [(code.values, code.indices, code.latent_index)]
         if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
             codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
-        x_hat, *aux_out = ops.sparse_decode_codes(codes, self.W_dec, self.b_dec, backend=backend)
+        x_hat, *aux_out = ops.sparse_decode_codes(codes, self.W_dec, self.b_dec, backend=backend,
+                                                  sparse_grad=sparse_grad)
         xn32 = xn.float()
         err = xn32 - x_hat.float()
         total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saeengine import SAE, SAEConfig
-from saeengine.optim import RowSparseAdam, resample_dead_latents_
+from saeengine.optim import RowSparseAdam, clip_grad_norm_, latent_grad_rows, resample_dead_latents_
 
 
 def make_sae(f=40, d=12, seed=0):
@@ -182,3 +182,52 @@ def test_row_sparse_adam_bf16_moments_track_fp32():
     torch.testing.assert_close(b.W_enc, a.W_enc, rtol=0.02, atol=0.02)
     with pytest.raises(ValueError, match="moment_dtype"):
         RowSparseAdam(a, lr=1e-2, moment_dtype=torch.float16)
+
+
+def _as_sparse_rows(dense: torch.Tensor, rows: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """dense's rows ``rows`` plus ``extra`` rows (zero gradient) as an uncoalesced COO
+    tensor in two pieces, the way the main and AuxK codes produce it."""
+    first, second = rows[: len(rows) // 2], torch.cat([rows[len(rows) // 2:], extra])
+    pieces = [(first, dense[first]), (second, dense[second])]
+    return torch.sparse_coo_tensor(torch.cat([p[0] for p in pieces]).unsqueeze(0),
+                                   torch.cat([p[1] for p in pieces]), dense.shape, check_invariants=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; the torch backend is the CPU counterpart"))])
+def test_row_sparse_adam_takes_sparse_weight_gradients(backend):
+    """Sparse COO weight gradients (no [F, d] buffer) give the same step as dense ones,
+    clipping included; rows listed but absent from the sparse gradient count as zero."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    saes = [make_sae().to(device) for _ in range(2)]
+    opts = [RowSparseAdam(s, lr=1e-2, backend=backend) for s in saes]
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        rows = torch.randperm(40, generator=gen)[:9].sort().values
+        random_grads(saes[0], rows, gen)
+        for p, q in zip(saes[0].parameters(), saes[1].parameters()):
+            p.grad = p.grad.to(device)
+            q.grad = p.grad.clone()
+        for name in ("W_enc", "W_dec"):  # sparse in the second SAE, one listed row left out
+            p = dict(saes[1].named_parameters())[name]
+            unlisted = torch.tensor([r for r in range(40) if r not in rows.tolist()][-1:], device=device)
+            p.grad = _as_sparse_rows(p.grad, rows[1:].to(device), unlisted)
+            dict(saes[0].named_parameters())[name].grad[rows[0]] = 0
+        norms = [clip_grad_norm_(s.parameters(), 0.5) for s in saes]
+        torch.testing.assert_close(norms[0], norms[1])
+        for opt in opts:
+            opt.step(rows.to(device))
+        for p, q in zip(saes[0].parameters(), saes[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_latent_grad_rows_gathers_from_dense_and_sparse():
+    dense = torch.randn(10, 3)
+    dense[[2, 5]] = 0
+    rows = torch.tensor([1, 2, 7, 9])
+    sparse = torch.sparse_coo_tensor(torch.tensor([[9, 1, 7]]), dense[[9, 1, 7]], dense.shape, check_invariants=True)
+    torch.testing.assert_close(latent_grad_rows(sparse, rows), dense[rows], rtol=0, atol=0)
+    torch.testing.assert_close(latent_grad_rows(dense, rows), dense[rows], rtol=0, atol=0)
+    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 3), dense.shape,
+                                    check_invariants=True)
+    assert latent_grad_rows(empty, rows).abs().sum() == 0

@@ -154,6 +154,24 @@ def test_row_sparse_adam_with_resampling_recovers_atoms(tmp_path, planted):
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU; test_row_sparse_adam_with_resampling_recovers_atoms is the CPU counterpart")
+def test_row_sparse_training_on_gpu_steps_on_sparse_gradients(tmp_path, planted, monkeypatch):
+    from saeengine.optim import RowSparseAdam
+
+    sparse_steps = []
+    step = RowSparseAdam.step
+
+    def spy(self, rows):
+        sparse_steps.append(self.sae.W_enc.grad.is_sparse and self.sae.W_dec.grad.is_sparse)
+        return step(self, rows)
+
+    monkeypatch.setattr(RowSparseAdam, "step", spy)
+    sae = saeengine.train(planted.activations, quick(tmp_path, optimizer="row_sparse_adam", device="cuda"))
+    assert sparse_steps and all(sparse_steps)
+    assert dictionary_recovery(planted.atoms, sae.W_dec.detach().cpu()) >= 0.9
+
+
 def _metric_lines(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

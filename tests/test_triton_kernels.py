@@ -90,13 +90,20 @@ def test_latent_rowsum_kernel_matches_reference_and_is_bitwise_repeatable(kernel
     out_b, sums_b = latent_weighted_rowsum_ref(indices_b, coef_b, rows, f)
     torch.testing.assert_close(total.cpu(), (out_ref + out_b).cpu(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(total_sums.cpu(), (sums_ref + sums_b).cpu(), atol=1e-5, rtol=1e-5)
+    # Compact: one row per distinct latent, in the index's (ascending) order, same bits.
+    n_unique = int(index.n_unique)
+    rows_c, sums_c = latent_weighted_rowsum(index, coef, rows, k, f, with_sums=True, compact_rows=n_unique)
+    latents = index.unique_latents[:n_unique]
+    assert rows_c.shape == (n_unique, d) and bool((latents.diff() > 0).all())
+    assert torch.equal(rows_c, out[latents]) and torch.equal(sums_c, sums[latents])
 
 
-def _sae_grads(sae, x, dead, backend):
+def _sae_grads(sae, x, dead, backend, sparse_grad=False):
     sae.zero_grad(set_to_none=True)
-    out = sae(x, dead_mask=dead, backend=backend)
+    out = sae(x, dead_mask=dead, backend=backend, sparse_grad=sparse_grad)
     out.loss.backward()
-    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+    return out, {name: p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone()
+                 for name, p in sae.named_parameters()}
 
 
 @pytest.mark.parametrize("f,k_aux,n_dead", [(130, 16, 13), (300, 130, 150)])
@@ -123,6 +130,13 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, f,
     _, grads_again = _sae_grads(sae, x, dead, "triton")
     for name in grads:
         assert torch.equal(grads[name], grads_again[name]), f"{name} gradient is not bitwise repeatable"
+    # Sparse weight gradients: the same bits, with no [F, d] buffer.
+    sparse_out, sparse_grads = _sae_grads(sae, x, dead, "triton", sparse_grad=True)
+    chosen = torch.cat([sparse_out.code.indices.flatten(), sparse_out.code.aux.indices.flatten()]).unique()
+    for W in (sae.W_enc, sae.W_dec):  # the rows of the chosen latents, nothing else
+        assert W.grad.is_sparse and torch.equal(W.grad.coalesce().indices()[0], chosen)
+    for name in grads:
+        assert torch.equal(grads[name], sparse_grads[name]), f"sparse {name} gradient differs"
 
 
 @requires_gpu

@@ -58,3 +58,26 @@ def latent_weighted_rowsum_ref(
     sums = torch.zeros(n_latents, dtype=torch.float32, device=rows.device)
     sums.index_add_(0, flat, coef.float().reshape(-1))
     return out, sums
+
+
+def sparse_row_gradient(pieces: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse COO gradient of shape [F, d] from (latents [U_i] distinct, rows [U_i, d])
+    pieces, one per code: the weight gradient with no [F, d] buffer. With several codes a
+    latent may appear once per code (uncoalesced; ``coalesce()`` adds them)."""
+    latents = torch.cat([latents for latents, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+    rows = torch.cat([rows for _, rows in pieces]) if len(pieces) > 1 else pieces[0][1]
+    # The invariants hold by construction (distinct, in-range latents per piece): no check.
+    return torch.sparse_coo_tensor(latents.unsqueeze(0), rows, shape, is_coalesced=len(pieces) == 1,
+                                   check_invariants=False)
+
+
+def compact_rowsum(index: LatentIndex, coef: torch.Tensor, rows: torch.Tensor, n_latents: int,
+                   out_dtype: torch.dtype, with_sums: bool = False):
+    """The segment sum over ``index``'s distinct latents only: (latents [U], out [U, d],
+    sums [U] or None), U = int(index.n_unique) (one host sync)."""
+    from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
+
+    n_unique = int(index.n_unique)
+    out, sums = latent_weighted_rowsum(index, coef, rows, coef.shape[1], n_latents, out_dtype=out_dtype,
+                                       with_sums=with_sums, compact_rows=n_unique)
+    return index.unique_latents[:n_unique], out, sums

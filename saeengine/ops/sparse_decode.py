@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from saeengine.backends import resolve_backend
 
 from . import _checks
-from .latent_index import LatentIndex, build_latent_index
+from .latent_index import LatentIndex, build_latent_index, compact_rowsum, sparse_row_gradient
 
 
 def sparse_decode_ref(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
@@ -54,11 +54,12 @@ class SparseDecodeTriton(torch.autograd.Function):
 
     W_dec's gradient is produced directly in W_dec's dtype, and the codes add into one
     buffer (the main and the AuxK code of a step): no gradient of a cast copy, and no
-    [F, d] buffer per code for autograd to sum.
+    [F, d] buffer per code for autograd to sum. With ``sparse_grad`` it is a sparse COO
+    tensor of the decoded latents' rows instead.
     """
 
     @staticmethod
-    def forward(ctx, W_dec, W_compute, b_dec, latent_indexes, *codes):
+    def forward(ctx, W_dec, W_compute, b_dec, latent_indexes, sparse_grad, *codes):
         from saeengine.kernels.sparse_decode import sparse_decode_forward
 
         pairs = list(zip(codes[0::2], codes[1::2]))
@@ -66,6 +67,7 @@ class SparseDecodeTriton(torch.autograd.Function):
         ctx.save_for_backward(W_compute, *codes, *(t for index in latent_indexes if index is not None for t in index))
         ctx.has_bias = b_dec is not None
         ctx.weight_dtype = W_dec.dtype
+        ctx.sparse_grad = sparse_grad
         ctx.mark_non_differentiable(*codes[1::2])
         return tuple(sparse_decode_forward(values, indices, W_compute, b_dec if i == 0 else None)
                      for i, (values, indices) in enumerate(pairs))
@@ -78,11 +80,11 @@ class SparseDecodeTriton(torch.autograd.Function):
         W_compute, *rest = ctx.saved_tensors
         n_codes = len(grad_outs)
         codes, index_tensors = rest[:2 * n_codes], rest[2 * n_codes:]
-        grad_codes, grad_W = [], None
+        grad_codes, grad_W, pieces = [], None, []
         for i, grad_out in enumerate(grad_outs):
             values, indices = codes[2 * i], codes[2 * i + 1]
             grad_values = None
-            if ctx.needs_input_grad[4 + 2 * i]:
+            if ctx.needs_input_grad[5 + 2 * i]:
                 grad_values = sparse_decode_grad_values(grad_out, indices, W_compute, out_dtype=values.dtype)
             grad_codes += [grad_values, None]
             if ctx.needs_input_grad[0]:
@@ -90,10 +92,16 @@ class SparseDecodeTriton(torch.autograd.Function):
                     index, index_tensors = LatentIndex(*index_tensors[:4]), index_tensors[4:]
                 else:
                     index = build_latent_index(indices)
-                grad_W, _ = latent_weighted_rowsum(index, values, grad_out, indices.shape[1], W_compute.shape[0],
-                                                   out_dtype=ctx.weight_dtype, out=grad_W)
+                if ctx.sparse_grad:
+                    latents, rows, _ = compact_rowsum(index, values, grad_out, W_compute.shape[0], ctx.weight_dtype)
+                    pieces.append((latents, rows))
+                else:
+                    grad_W, _ = latent_weighted_rowsum(index, values, grad_out, indices.shape[1],
+                                                       W_compute.shape[0], out_dtype=ctx.weight_dtype, out=grad_W)
+        if pieces:
+            grad_W = sparse_row_gradient(pieces, tuple(W_compute.shape))
         grad_b = grad_outs[0].float().sum(0).to(grad_outs[0].dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_W, None, grad_b, None, *grad_codes
+        return grad_W, None, grad_b, None, None, *grad_codes
 
 
 def compute_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,13 +149,16 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 
 def sparse_decode_codes(codes: list, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None, *,
-                        backend: str = "auto", weight_compute: torch.Tensor | None = None) -> list[torch.Tensor]:
+                        backend: str = "auto", weight_compute: torch.Tensor | None = None,
+                        sparse_grad: bool = False) -> list[torch.Tensor]:
     """Decode several codes with one decoder (the main and the AuxK code of a step).
 
     ``codes``: (values [N, k_i], indices [N, k_i], LatentIndex or None) per code, all in
     one dtype and already validated (see :func:`sparse_decode`). b_dec is added to the
     first code's output only. On the Triton path the codes share one autograd node, so
-    W_dec's gradient is summed in place, with no [F, d] buffer per code.
+    W_dec's gradient is summed in place, with no [F, d] buffer per code; with
+    ``sparse_grad`` it is a sparse COO tensor of the decoded latents' rows (Triton path
+    only; one host sync per code in the backward).
     Returns one [N, d] tensor per code.
     """
     backend = resolve_backend(backend, "sparse_decode", W_dec.device)
@@ -156,7 +167,8 @@ def sparse_decode_codes(codes: list, W_dec: torch.Tensor, b_dec: torch.Tensor | 
     if backend == "triton":
         W_c = weight_compute if weight_compute is not None else compute_copy(W_dec, dtype)
         flat = [t for values, indices, _ in codes for t in (values, indices)]
-        return list(SparseDecodeTriton.apply(W_dec, W_c, b, tuple(index for _, _, index in codes), *flat))
+        return list(SparseDecodeTriton.apply(W_dec, W_c, b, tuple(index for _, _, index in codes), sparse_grad,
+                                             *flat))
     W = W_dec.to(dtype)
     decode = sparse_decode_ref if backend == "torch" else torch.ops.saeengine.sparse_decode
     return [decode(values, indices, W, b if i == 0 else None) for i, (values, indices, _) in enumerate(codes)]

@@ -19,7 +19,7 @@ from saeengine.backends import resolve_backend
 from . import _checks
 from .code import SparseCode
 from .gemm_topk import gemm_topk_encode
-from .latent_index import LatentIndex, build_latent_index
+from .latent_index import LatentIndex, build_latent_index, compact_rowsum, sparse_row_gradient
 from .sparse_decode import compute_copy
 
 
@@ -81,19 +81,21 @@ class TopKEncodeFunction(torch.autograd.Function):
 
     The selections share one autograd node: W_enc's and b_enc's gradients of all of them
     are summed in place by the segment-sum kernel, in W_enc's dtype directly, and x's
-    gradient is one sparse decode of the joined codes.
+    gradient is one sparse decode of the joined codes. With ``sparse_grad`` W_enc's
+    gradient is a sparse COO tensor of the chosen latents' rows instead (no [F, d] buffer).
     """
 
     OUTPUTS_PER_CODE = 6
 
     @staticmethod
-    def forward(ctx, x_centered, W_enc, W_compute, b_enc, selections, method):
+    def forward(ctx, x_centered, W_enc, W_compute, b_enc, selections, method, sparse_grad):
         outputs = []
         for k, latent_subset in selections:
             values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset, method)
             outputs += [values, indices, *build_latent_index(indices)]
         ctx.save_for_backward(x_centered, W_compute, *outputs)
         ctx.weight_dtype = W_enc.dtype
+        ctx.sparse_grad = sparse_grad
         ctx.mark_non_differentiable(*(t for i, t in enumerate(outputs) if i % TopKEncodeFunction.OUTPUTS_PER_CODE))
         return tuple(outputs)
 
@@ -104,18 +106,30 @@ class TopKEncodeFunction(torch.autograd.Function):
 
         x_centered, W_compute, *outputs = ctx.saved_tensors
         per_code = TopKEncodeFunction.OUTPUTS_PER_CODE
-        grad_pres, all_indices = [], []
+        grad_pres, all_indices, pieces = [], [], []
         grad_W = grad_b = None
+        n_latents = W_compute.shape[0]
         for start in range(0, len(outputs), per_code):
             values, indices, *index = outputs[start:start + per_code]
             # ReLU: only pairs with a positive activation pass gradient.
             grad_pre = torch.where(values > 0, grads[start].float(), 0.0)
             grad_pres.append(grad_pre)
             all_indices.append(indices)
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+                continue
+            if ctx.sparse_grad:
+                latents, rows, sums = compact_rowsum(LatentIndex(*index), grad_pre, x_centered, n_latents,
+                                                     ctx.weight_dtype, with_sums=True)
+                pieces.append((latents, rows))
+                if grad_b is None:
+                    grad_b = torch.zeros(n_latents, dtype=ctx.weight_dtype, device=rows.device)
+                grad_b.index_add_(0, latents, sums)  # distinct latents per code: no collisions
+            else:
                 grad_W, grad_b = latent_weighted_rowsum(
-                    LatentIndex(*index), grad_pre, x_centered, indices.shape[1], W_compute.shape[0],
+                    LatentIndex(*index), grad_pre, x_centered, indices.shape[1], n_latents,
                     out_dtype=ctx.weight_dtype, with_sums=True, out=grad_W, sums=grad_b)
+        if pieces:
+            grad_W = sparse_row_gradient(pieces, (n_latents, W_compute.shape[1]))
         grad_x = None
         if ctx.needs_input_grad[0]:
             # sum_j grad_pre[n, j] W_enc[indices[n, j]] over every code: one sparse decode.
@@ -124,15 +138,15 @@ class TopKEncodeFunction(torch.autograd.Function):
             grad_x = sparse_decode_forward(*joined, W_compute, out_dtype=x_centered.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(W_compute.dtype)
-        return grad_x, grad_W, None, grad_b, None, None
+        return grad_x, grad_W, None, grad_b, None, None, None
 
 
-def _encode_sparse(x_centered, W_enc, W_compute, b_enc, selections, method) -> list[SparseCode]:
+def _encode_sparse(x_centered, W_enc, W_compute, b_enc, selections, method, sparse_grad=False) -> list[SparseCode]:
     """One SparseCode per (k, latent_subset) selection."""
     tracked = (x_centered, W_enc, b_enc)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
         return [SparseCode(*_select(x_centered, W_compute, b_enc, k, subset, method)) for k, subset in selections]
-    outputs = TopKEncodeFunction.apply(x_centered, W_enc, W_compute, b_enc, tuple(selections), method)
+    outputs = TopKEncodeFunction.apply(x_centered, W_enc, W_compute, b_enc, tuple(selections), method, sparse_grad)
     per_code = TopKEncodeFunction.OUTPUTS_PER_CODE
     return [SparseCode(values, indices, latent_index=LatentIndex(*index))
             for values, indices, *index in (outputs[i:i + per_code] for i in range(0, len(outputs), per_code))]
@@ -140,7 +154,8 @@ def _encode_sparse(x_centered, W_enc, W_compute, b_enc, selections, method) -> l
 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
                 b_pre: torch.Tensor | None = None, dead_mask: torch.Tensor | None = None,
-                k_aux: int = 0, backend: str = "auto", check: bool = True) -> SparseCode:
+                k_aux: int = 0, backend: str = "auto", sparse_grad: bool = False,
+                check: bool = True) -> SparseCode:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row.
 
     Computes in x's dtype. W_enc, b_enc and b_pre are in that dtype too, or float32 master
@@ -158,6 +173,10 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         backend: "auto", "torch", "triton" (fused kernel) or "cuda" (chunked cuBLAS GEMM
             + CUDA top-k select); both share the sparse Triton backward (see
             saeengine.backends).
+        sparse_grad: on the triton and cuda paths, W_enc's gradient is a sparse COO tensor
+            holding the rows of the chosen latents only, as ``nn.Embedding(sparse=True)``
+            gives (for :class:`saeengine.optim.RowSparseAdam`; one host sync per code in
+            the backward). The torch path ignores it.
         check: validate shapes, devices, dtypes and finiteness (one host sync).
     Returns:
         :class:`SparseCode` with values [N, k] (x's dtype, sorted descending) and
@@ -194,6 +213,6 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         W_c = compute_copy(W_enc, dtype)  # one cast shared by the main and the AuxK pass
         selections = [(k, None)] + ([(k_dead, dead)] if dead is not None else [])
         method = "fused" if backend == "triton" else "gemm"
-        code, *aux = _encode_sparse(x_centered, W_enc, W_c, b_enc, selections, method)
+        code, *aux = _encode_sparse(x_centered, W_enc, W_c, b_enc, selections, method, sparse_grad)
         code.aux = aux[0] if aux else None
     return code

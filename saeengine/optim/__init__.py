@@ -2,6 +2,7 @@
 
 from .fired import mark_fired_
 from .resample import resample_dead_latents_, resample_uniform
-from .row_sparse_adam import RowSparseAdam
+from .row_sparse_adam import RowSparseAdam, clip_grad_norm_, latent_grad_rows
 
-__all__ = ["RowSparseAdam", "mark_fired_", "resample_dead_latents_", "resample_uniform"]
+__all__ = ["RowSparseAdam", "clip_grad_norm_", "latent_grad_rows", "mark_fired_", "resample_dead_latents_",
+           "resample_uniform"]

@@ -7,6 +7,10 @@ Two backends: the torch reference (here), and the CUDA op
 parameter, a warp per listed row, touching nothing else. It reads each row's gradient
 from the dense gradient autograd produced, or from a compact [R, d] block of rows.
 
+W_enc's and W_dec's gradients may be sparse COO tensors (``SAE.forward(sparse_grad=True)``
+on the GPU paths): then no [F, d] gradient exists anywhere, and the listed rows are
+gathered from the sparse gradient's rows.
+
 How it differs from dense Adam: a row that did not fire keeps its moments as they were.
 Dense Adam would decay them, and would still move the row by m / sqrt(v) even at zero
 gradient. The bias correction uses the global step, as TensorFlow's LazyAdam does.
@@ -19,6 +23,43 @@ import torch
 from saeengine.backends import resolve_backend
 
 LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
+
+
+def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` [R] of a latent-row gradient, dense [F, ...] or sparse COO:
+    [R, ...]. A row absent from a sparse gradient gets zeros (no host sync to check)."""
+    if not grad.is_sparse:
+        return grad[rows]
+    grad = grad.coalesce()
+    latents, values = grad.indices()[0], grad.values()
+    if latents.numel() == 0:
+        return values.new_zeros((rows.numel(), *values.shape[1:]))
+    at = torch.searchsorted(latents, rows).clamp_max(latents.numel() - 1)
+    present = (latents[at] == rows).reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(present, values[at], 0.0)
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their joint L2 norm is at most ``max_norm``, like
+    ``torch.nn.utils.clip_grad_norm_``, also for sparse COO gradients (coalesced in place
+    first, so duplicate rows are summed before the norm). Returns the norm before
+    clipping (0-d fp32; no host sync)."""
+    grads = []
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad._values())  # an alias: scaling it scales the gradient
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total
 
 
 class RowSparseAdam:
@@ -74,15 +115,15 @@ class RowSparseAdam:
         if self.backend == "cuda":
             self._step_cuda(named, rows)
             return
-        if named["W_dec"].grad is not None:  # fused: drop the gradient parallel to each row, then project
-            W, g = named["W_dec"], named["W_dec"].grad
-            g_rows, w_rows = g[rows], W[rows]
-            g[rows] = g_rows - (g_rows * w_rows).sum(1, keepdim=True) * w_rows
         for name, p in named.items():
             if p.grad is None:
                 continue
             if name in LATENT_ROW_PARAMS:
-                self._adam(p, p.grad[rows], self.state[name], rows)
+                g_rows = latent_grad_rows(p.grad, rows)
+                if name == "W_dec":  # fused: drop the gradient parallel to each row (projected below)
+                    w_rows = p[rows]
+                    g_rows = g_rows - (g_rows * w_rows).sum(1, keepdim=True) * w_rows
+                self._adam(p, g_rows, self.state[name], rows)
             else:
                 self._adam(p, p.grad, self.state[name], None)
         W = named["W_dec"]
@@ -95,9 +136,11 @@ class RowSparseAdam:
             if p.grad is None:
                 continue
             state = self.state[name]
-            if name in LATENT_ROW_PARAMS:
-                torch.ops.saeengine.row_sparse_adam_(p, p.grad, state["m"], state["v"], rows, lr, beta1, beta2,
-                                                     self.eps, self.step_count, True, name == "W_dec")
+            if name in LATENT_ROW_PARAMS:  # a dense gradient is read in place, a sparse one gathered
+                dense = not p.grad.is_sparse
+                grad = p.grad if dense else latent_grad_rows(p.grad, rows).contiguous()
+                torch.ops.saeengine.row_sparse_adam_(p, grad, state["m"], state["v"], rows, lr, beta1, beta2,
+                                                     self.eps, self.step_count, dense, name == "W_dec")
             else:
                 self._adam(p, p.grad, state, None)
 

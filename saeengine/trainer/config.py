@@ -55,7 +55,8 @@ class TrainConfig:
     """Clip the gradient norm to this value; 0 disables clipping."""
     optimizer: str = "adam"
     """adam (dense), or row_sparse_adam (only latents that fired this step are updated;
-    their moments do not decay in between)."""
+    their moments do not decay in between; on the GPU paths the weight gradients are
+    then sparse rows, with no [d_sae, d_in] gradient buffers)."""
     moment_dtype: str = "float32"
     """Adam moments of row_sparse_adam: float32, or bfloat16 (half the optimizer memory;
     what lets F=2^21 fit on one 80 GB GPU)."""

@@ -18,7 +18,7 @@ from .data import batch_source, d_in_of, init_sample
 from .init import init_from_sample
 from .metrics import MetricsLog
 from ..checkpoint import CheckpointError
-from ..optim import RowSparseAdam, mark_fired_, resample_dead_latents_
+from ..optim import RowSparseAdam, clip_grad_norm_, mark_fired_, resample_dead_latents_
 
 
 @dataclass
@@ -86,14 +86,16 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.autocast))
                 if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
     k = cfg.k_at(step) if cfg.k_anneal_from else None
-    with autocast:
-        out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False, k=k)
+    row_sparse = cfg.optimizer == "row_sparse_adam"
+    with autocast:  # row-sparse Adam reads sparse weight gradients: no [d_sae, d_in] buffers
+        out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False, k=k,
+                      sparse_grad=row_sparse)
         loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.optimizer == "row_sparse_adam":  # the projection and the gradient fix are fused in its step
+    if row_sparse:  # the projection and the gradient fix are fused in its step
         if cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
+            clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
         run.opt.step(_fired_rows(out.code))
     else:
         run.sae.remove_parallel_grad_()
