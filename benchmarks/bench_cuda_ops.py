@@ -13,9 +13,9 @@ Sections (--sections, comma-separated; all by default):
   step       a full training step at N=4096, F=2^20: encoder, sparse backward and
              row-sparse Adam, with sparse weight gradients (and once with dense ones),
              against sparsify's forward+backward and fused Adam
-  widest     one full step at N=16384 for F = 2^20, 2^21, 2^22 with fp32 and bf16 Adam
-             moments and sparse weight gradients: time and peak GB, or OOM, beside the
-             bytes the shapes imply
+  widest     one full step at N=16384 for F = 2^20, 2^21, 2^22 with sparse weight
+             gradients: fp32 moments, bf16 moments, and bf16 moments with no bf16 weight
+             copies; time and peak GB, or OOM, beside the bytes the shapes imply
 """
 
 from __future__ import annotations
@@ -117,43 +117,46 @@ def resample_rows(f: int, d: int, device: torch.device) -> list[dict]:
     return [row]
 
 
-def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, sparse_grad: bool = True):
+def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, sparse_grad: bool = True,
+              weight_copies: bool = True):
     """Forward (bf16 autocast, AuxK) + backward + row-sparse Adam on the rows that fired;
-    the weight gradients are sparse rows unless ``sparse_grad`` is False."""
+    the weight gradients are sparse rows unless ``sparse_grad`` is False, and the kernels
+    read bf16 copies of the weights unless ``weight_copies`` is False."""
     def run():
         sae.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = sae(x, dead_mask=dead, check=False, sparse_grad=sparse_grad)
+            out = sae(x, dead_mask=dead, check=False, sparse_grad=sparse_grad, weight_copies=weight_copies)
         out.loss.backward()
         parts = [out.code.indices.reshape(-1)] + ([out.code.aux.indices.reshape(-1)] if out.code.aux else [])
         opt.step(torch.unique(torch.cat(parts)))
     return run
 
 
-def memory_model_gb(f: int, d: int, moment_bytes: int, grad_rows: int) -> dict:
+def memory_model_gb(f: int, d: int, moment_bytes: int, grad_rows: int, weight_copies: bool = True) -> dict:
     """Bytes the step must hold by construction (arithmetic from the shapes, not a
     measurement): fp32 W_enc and W_dec, fp32 gradients of ``grad_rows`` rows each (F when
-    dense), two Adam moments each, and the bf16 compute copies."""
+    dense), two Adam moments each, and the bf16 compute copies (when made)."""
     weights = 2 * f * d
     return {"params_gb": weights * 4 / 1e9, "grads_gb": 2 * grad_rows * d * 4 / 1e9,
-            "moments_gb": 2 * weights * moment_bytes / 1e9, "bf16_copies_gb": weights * 2 / 1e9}
+            "moments_gb": 2 * weights * moment_bytes / 1e9,
+            "bf16_copies_gb": weights * 2 / 1e9 if weight_copies else 0.0}
 
 
 def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Tensor,
-                     moment_dtype: torch.dtype = torch.float32, sparse_grad: bool = True) -> None:
+                     moment_dtype: torch.dtype = torch.float32, sparse_grad: bool = True,
+                     weight_copies: bool = True) -> None:
     """row["step_ms"], row["peak_gb"] of saeengine's full step, or "OOM" (the SAE too)."""
-    row["moment_dtype"] = _dtype_name(moment_dtype)
-    row["sparse_grad"] = sparse_grad
+    row.update(moment_dtype=_dtype_name(moment_dtype), sparse_grad=sparse_grad, weight_copies=weight_copies)
     # Sparse gradients hold the rows the codes chose: at most N*k main rows plus the dead ones.
     grad_rows = min(f, x.shape[0] * k + int(dead.sum())) if sparse_grad else f
-    row.update(memory_model_gb(f, x.shape[1], torch.finfo(moment_dtype).bits // 8, grad_rows))
+    row.update(memory_model_gb(f, x.shape[1], torch.finfo(moment_dtype).bits // 8, grad_rows, weight_copies))
     try:
         sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=f, k=k), device=x.device, seed=0)
         opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype)
     except torch.OutOfMemoryError:
         row["step_ms"] = "OOM"
         return
-    measure_into(row, "step_ms", full_step(sae, opt, x, dead, sparse_grad), x.device, "peak_gb", sae)
+    measure_into(row, "step_ms", full_step(sae, opt, x, dead, sparse_grad, weight_copies), x.device, "peak_gb", sae)
 
 
 def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict]:
@@ -186,10 +189,11 @@ def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict
 def widest_rows(n: int, widths: list[int], d: int, k: int, device: torch.device) -> list[dict]:
     rows = []
     x = torch.randn(n, d, device=device)
-    for f in widths:
-        for moment_dtype in (torch.float32, torch.bfloat16):
+    for f in widths:  # fp32 moments, bf16 moments, and bf16 moments without weight copies
+        for moment_dtype, copies in ((torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)):
             rows.append({"N": n, "F": f})
-            measure_our_step(rows[-1], x, f, k, torch.rand(f, device=device) < 0.1, moment_dtype)
+            measure_our_step(rows[-1], x, f, k, torch.rand(f, device=device) < 0.1, moment_dtype,
+                             weight_copies=copies)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -82,6 +82,8 @@ def _preactivation_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, latents, lat_mask, 
         if DOT_FP32:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
+        else:  # fp32 master weights read directly (no bf16 copy): round the tile like x
+            wt = wt.to(xt.dtype)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
     bias = tl.load(b_ptr + latents, mask=lat_mask, other=0.0).to(tl.float32)
     pre = acc + bias[None, :]
@@ -259,7 +261,8 @@ def topk_encode_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of relu(x @ weight.T + bias) per row, never materializing the [N, F] matrix.
 
-    x [N, d], weight [F, d] (same dtype), bias [F], latent_subset [F_sub] int64 ascending
+    x [N, d], weight [F, d] (x's dtype, or fp32 rounded to x's dtype tile by tile), bias
+    [F], latent_subset [F_sub] int64 ascending
     or None (choose among these rows of weight only; AuxK passes the dead latents) ->
     (values [N, k] in x's dtype, indices [N, k] int64 rows of weight), each row sorted by
     decreasing value; equal values prefer the lower latent. k <= F_sub.

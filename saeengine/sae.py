@@ -145,13 +145,15 @@ class SAE(nn.Module):
         return tuple(getattr(self, name).to(dtype) for name in names)
 
     def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str,
-                           k: int | None = None, sparse_grad: bool = False) -> SparseCode:
+                           k: int | None = None, sparse_grad: bool = False,
+                           weight_copies: bool = True) -> SparseCode:
         cfg = self.cfg
         k = k or cfg.k
         if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
             return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_mask=dead_mask,
                                    k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
-                                   backend=backend, sparse_grad=sparse_grad, check=False)
+                                   backend=backend, sparse_grad=sparse_grad, check=False,
+                                   weight_compute=None if weight_copies else self.W_enc.detach())
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
         pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
         if cfg.architecture == "relu":
@@ -205,11 +207,14 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
                 backend: str = "auto", check: bool = True, k: int | None = None,
-                sparse_grad: bool = False) -> ForwardOutput:
+                sparse_grad: bool = False, weight_copies: bool = True) -> ForwardOutput:
         """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk);
         ``k`` overrides cfg.k for this call (k annealing in the trainer); ``sparse_grad``
         makes W_enc's and W_dec's gradients sparse COO tensors of the chosen latents' rows
-        on the GPU paths (for RowSparseAdam; no [d_sae, d_in] gradient buffers)."""
+        on the GPU paths (for RowSparseAdam; no [d_sae, d_in] gradient buffers);
+        ``weight_copies=False`` lets the GPU kernels read the fp32 W_enc and W_dec directly
+        instead of one compute-dtype copy of each per call (under bf16 autocast: 2 bytes
+        per weight less; slower where the gathers of wide AuxK codes dominate)."""
         self._check_input(x, check)
         if k is not None and (self.cfg.architecture not in ("topk", "batchtopk") or not 1 <= k <= self.cfg.d_sae):
             raise ValueError(f"k={k} applies to topk and batchtopk SAEs and must lie in [1, d_sae={self.cfg.d_sae}]"
@@ -222,12 +227,13 @@ class SAE(nn.Module):
                 raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        code = self._encode_normalized(xn, dead_mask, backend, k, sparse_grad)
+        code = self._encode_normalized(xn, dead_mask, backend, k, sparse_grad, weight_copies)
         codes = [(code.values, code.indices, code.latent_index)]
         if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
             codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
         x_hat, *aux_out = ops.sparse_decode_codes(codes, self.W_dec, self.b_dec, backend=backend,
-                                                  sparse_grad=sparse_grad)
+                                                  sparse_grad=sparse_grad,
+                                                  weight_compute=None if weight_copies else self.W_dec.detach())
         xn32 = xn.float()
         err = xn32 - x_hat.float()
         total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)

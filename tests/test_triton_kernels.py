@@ -157,6 +157,25 @@ def test_topk_encode_gpu_real_shapes(dtype, n, f):
 
 
 @requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sae_without_weight_copies_gpu_matches_torch(backend):
+    """bf16 autocast with the kernels reading the fp32 weights (no bf16 copies): the fused
+    kernel rounds W tiles as it loads them, the chunked path casts a chunk at a time."""
+    sae = SAE(SAEConfig(d_in=1024, d_sae=2**14, k=32), device="cuda", seed=0)
+    x = torch.randn(2048, 1024, device="cuda")
+    dead = torch.rand(2**14, device="cuda") < 0.1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, ref = _sae_grads(sae, x, dead, "torch")
+        sae.zero_grad(set_to_none=True)
+        out = sae(x, dead_mask=dead, backend=backend, weight_copies=False)
+        out.loss.backward()
+    assert out.recon.dtype == torch.float32 and out.code.values.dtype == torch.bfloat16
+    for name, p in sae.named_parameters():
+        err = (p.grad - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
+        assert err < 3e-2, (name, float(err))
+
+
+@requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sae_backward_gpu_matches_torch_and_repeats(dtype):
     sae = SAE(SAEConfig(d_in=1024, d_sae=2**14, k=32), device="cuda", seed=0)
@@ -172,10 +191,11 @@ def test_sae_backward_gpu_matches_torch_and_repeats(dtype):
         assert torch.equal(got[name], again[name]), name
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_master_weights_get_fp32_gradients(kernel_device, backend):
+@pytest.mark.parametrize("backend,copies", [("torch", True), ("triton", True), ("triton", False)])
+def test_master_weights_get_fp32_gradients(kernel_device, backend, copies):
     """fp16 compute with fp32 parameters: outputs in fp16, parameter gradients in fp32 and
-    equal (to fp16 rounding) to those of the fp32 computation."""
+    equal (to fp16 rounding) to those of the fp32 computation. Without copies the kernels
+    read the fp32 weights themselves."""
     torch.manual_seed(3)
     n, d, f, k = 8, 40, 50, 4
     x = torch.randn(n, d).to(kernel_device)
@@ -183,9 +203,10 @@ def test_master_weights_get_fp32_gradients(kernel_device, backend):
     grads = {}
     for dtype in (torch.float32, torch.float16):
         W_enc, b_enc, W_dec = [p.to(kernel_device).requires_grad_() for p in params]
-        code = ops.topk_encode(x.to(dtype), W_enc, b_enc, k, backend=backend)
+        code = ops.topk_encode(x.to(dtype), W_enc, b_enc, k, backend=backend,
+                               weight_compute=None if copies else W_enc.detach())
         out = ops.sparse_decode(code.values, code.indices, W_dec, None, backend=backend,
-                                latent_index=code.latent_index)
+                                latent_index=code.latent_index, weight_compute=None if copies else W_dec.detach())
         assert out.dtype == dtype and code.values.dtype == dtype
         out.float().pow(2).sum().backward()
         assert W_enc.grad.dtype == W_dec.grad.dtype == b_enc.grad.dtype == torch.float32

@@ -41,7 +41,8 @@ def gemm_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Ten
     """Top-k of relu(x_centered @ W.T + b_enc) per row, chunk by chunk.
 
     Args:
-        x_centered: [N, d]; W: [F, d]; b_enc: [F]; all in one dtype.
+        x_centered: [N, d]; b_enc: [F] in x's dtype; W: [F, d] in x's dtype, or fp32
+            master weights (cast one chunk at a time, never whole).
         k: 1 <= k <= F (or <= F_sub).
         latent_subset: [F_sub] int64 latents to choose among (AuxK's dead latents), or None.
         select_backend: the backend of the per-chunk :func:`topk_select`.
@@ -86,7 +87,7 @@ def _chunk_candidates(x, W, b_enc, k, cols, select_backend, overlap):
         if released[slot] is not None:
             main.wait_event(released[slot])
         pre = buffers[slot][: n * (stop - start)].view(n, stop - start)
-        torch.addmm(b_enc[start:stop], x, W[start:stop].T, out=pre)
+        torch.addmm(b_enc[start:stop], x, W[start:stop].to(x.dtype).T, out=pre)  # fp32 W: a chunk-sized cast
         width = min(k, stop - start)
         if not overlap:
             v, i = topk_select(pre, width, backend=select_backend)

@@ -69,7 +69,7 @@ class SparseDecodeTriton(torch.autograd.Function):
         ctx.weight_dtype = W_dec.dtype
         ctx.sparse_grad = sparse_grad
         ctx.mark_non_differentiable(*codes[1::2])
-        return tuple(sparse_decode_forward(values, indices, W_compute, b_dec if i == 0 else None)
+        return tuple(sparse_decode_forward(values, indices, W_compute, b_dec if i == 0 else None, out_dtype=values.dtype)
                      for i, (values, indices) in enumerate(pairs))
 
     @staticmethod
@@ -126,8 +126,9 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
         backend: "auto", "torch", "triton" or "cuda" (see saeengine.backends).
         latent_index: the by-latent index of ``indices`` if already built (saves a sort
             in the backward).
-        weight_compute: W_dec detached in values' dtype, when the caller already made one
-            (two decodes of one step share it; see :func:`compute_copy`).
+        weight_compute: what the kernels read: W_dec detached in values' dtype, when the
+            caller already made one (see :func:`compute_copy`), or W_dec's fp32 master
+            weights themselves (no copy; the rows are gathered in fp32). Triton path only.
         check: validate shapes, devices, dtypes and index range (one host sync).
     Returns:
         [N, d] in values' dtype, accumulated in fp32. Differentiable in values, W_dec, b_dec.

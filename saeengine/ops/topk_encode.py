@@ -94,7 +94,7 @@ class TopKEncodeFunction(torch.autograd.Function):
             values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset, method)
             outputs += [values, indices, *build_latent_index(indices)]
         ctx.save_for_backward(x_centered, W_compute, *outputs)
-        ctx.weight_dtype = W_enc.dtype
+        ctx.weight_dtype, ctx.bias_dtype = W_enc.dtype, b_enc.dtype
         ctx.sparse_grad = sparse_grad
         ctx.mark_non_differentiable(*(t for i, t in enumerate(outputs) if i % TopKEncodeFunction.OUTPUTS_PER_CODE))
         return tuple(outputs)
@@ -137,7 +137,7 @@ class TopKEncodeFunction(torch.autograd.Function):
                 torch.cat(grad_pres, 1), torch.cat(all_indices, 1))
             grad_x = sparse_decode_forward(*joined, W_compute, out_dtype=x_centered.dtype)
         if grad_b is not None:
-            grad_b = grad_b.to(W_compute.dtype)
+            grad_b = grad_b.to(ctx.bias_dtype)
         return grad_x, grad_W, None, grad_b, None, None, None
 
 
@@ -155,7 +155,7 @@ def _encode_sparse(x_centered, W_enc, W_compute, b_enc, selections, method, spar
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
                 b_pre: torch.Tensor | None = None, dead_mask: torch.Tensor | None = None,
                 k_aux: int = 0, backend: str = "auto", sparse_grad: bool = False,
-                check: bool = True) -> SparseCode:
+                weight_compute: torch.Tensor | None = None, check: bool = True) -> SparseCode:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row.
 
     Computes in x's dtype. W_enc, b_enc and b_pre are in that dtype too, or float32 master
@@ -177,6 +177,10 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
             holding the rows of the chosen latents only, as ``nn.Embedding(sparse=True)``
             gives (for :class:`saeengine.optim.RowSparseAdam`; one host sync per code in
             the backward). The torch path ignores it.
+        weight_compute: what the kernels read, on the triton and cuda paths: by default
+            one copy of W_enc in x's dtype per call; W_enc's fp32 master weights themselves
+            (``W_enc.detach()``) save that copy (2 bytes per weight under bf16 autocast),
+            the kernels then round the weights as they read them.
         check: validate shapes, devices, dtypes and finiteness (one host sync).
     Returns:
         :class:`SparseCode` with values [N, k] (x's dtype, sorted descending) and
@@ -210,7 +214,8 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
             code.aux = SparseCode(*topk_encode_ref(x, W, b_enc, k_dead, b_pre=b_pre, latent_subset=dead))
     else:
         x_centered = x - b_pre if b_pre is not None else x
-        W_c = compute_copy(W_enc, dtype)  # one cast shared by the main and the AuxK pass
+        # one cast shared by the main and the AuxK pass, unless the caller gave the weights to read
+        W_c = weight_compute if weight_compute is not None else compute_copy(W_enc, dtype)
         selections = [(k, None)] + ([(k_dead, dead)] if dead is not None else [])
         method = "fused" if backend == "triton" else "gemm"
         code, *aux = _encode_sparse(x_centered, W_enc, W_c, b_enc, selections, method, sparse_grad)

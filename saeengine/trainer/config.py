@@ -57,6 +57,10 @@ class TrainConfig:
     """adam (dense), or row_sparse_adam (only latents that fired this step are updated;
     their moments do not decay in between; on the GPU paths the weight gradients are
     then sparse rows, with no [d_sae, d_in] gradient buffers)."""
+    weight_copies: bool = True
+    """Under autocast, give the GPU kernels one bf16 copy of W_enc and W_dec per step
+    (fastest). False lets them read the fp32 weights directly: 2 bytes per weight less,
+    which with bf16 moments is what lets F=2^22 fit on one 80 GB GPU."""
     moment_dtype: str = "float32"
     """Adam moments of row_sparse_adam: float32, or bfloat16 (half the optimizer memory;
     what lets F=2^21 fit on one 80 GB GPU)."""

@@ -89,7 +89,7 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
     row_sparse = cfg.optimizer == "row_sparse_adam"
     with autocast:  # row-sparse Adam reads sparse weight gradients: no [d_sae, d_in] buffers
         out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False, k=k,
-                      sparse_grad=row_sparse)
+                      sparse_grad=row_sparse, weight_copies=cfg.weight_copies)
         loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
