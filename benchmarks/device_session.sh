@@ -18,7 +18,7 @@ for s in "$@"; do
       fi
       TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 SAEENGINE_FORCE_CUDA_BUILD=1 \
         python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-      python3 -c "import torch, triton, saeengine; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), saeengine.available_backends('sparse_decode', torch.device('cuda')))"
+      python3 -c "import torch, triton, saeengine; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), saeengine.available_backends('sparse_decode', torch.device('cuda')), saeengine.available_backends('topk_encode', torch.device('cuda')))"
       ;;
     tests)
       stage tests
