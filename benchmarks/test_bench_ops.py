@@ -28,7 +28,7 @@ def problem(request):
     return x, sae
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_encode(benchmark, problem, backend):
     x, sae = problem
     W, b = sae.W_enc.detach().bfloat16(), sae.b_enc.detach().bfloat16()
@@ -36,7 +36,7 @@ def test_encode(benchmark, problem, backend):
         benchmark(synced(lambda: ops.topk_encode(x, W, b, K, backend=backend, check=False)))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_forward_backward_auxk(benchmark, problem, backend):
     x, sae = problem
     dead = torch.rand(sae.cfg.d_sae, device="cuda") < 0.1
