@@ -114,14 +114,19 @@ def sparsify_version() -> str | None:
 
 def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str | None = None,
                  module: torch.nn.Module | None = None) -> None:
-    """row[key] = median ms of fn (and row[memory_key] = its peak GB); "OOM" when it does not fit."""
+    """row[key] = median ms of fn (and row[memory_key] = its peak GB); "OOM" when it does not
+    fit, and "error: ..." when it fails otherwise (one failing variant must not take the
+    rest of the row with it)."""
     try:
         row[key] = bench_ms(fn, device)
         if memory_key:
             row[memory_key] = peak_gb(fn, device, module)
     except torch.OutOfMemoryError:
         row[key] = "OOM"
-        if device.type == "cuda":
+    except Exception as exc:  # noqa: BLE001 - recorded in the results instead
+        row[key] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        if device.type == "cuda" and not isinstance(row.get(key), float):
             torch.cuda.empty_cache()
 
 

@@ -66,3 +66,14 @@ def test_summary_takes_the_fastest_backend_as_ours():
     assert row["encode_best_backend"] == "cuda" and row["encode_over_gemm"] == 1.5
     assert row["encode_speedup_vs_sparsify"] == 4.0
     assert row["fwd_bwd_best_backend"] == "triton" and row["fwd_bwd_speedup_vs_sparsify"] == 1.5
+
+
+def test_a_failing_variant_is_recorded_not_raised():
+    module = load_script()
+    row = {}
+
+    def broken():
+        raise RuntimeError("kernel launch failed")
+
+    module.measure_into(row, "encode_cuda_ms", broken, torch.device("cpu"))
+    assert row["encode_cuda_ms"].startswith("error: RuntimeError: kernel launch failed")
