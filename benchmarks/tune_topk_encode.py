@@ -2,13 +2,17 @@
 
     python benchmarks/tune_topk_encode.py --out tune.json      # needs a GPU
 
-For each (N, F) at d=1024, k=32, bf16: the cuBLAS GEMM x W^T alone, then every tiling in
-TILINGS (both selection methods, and the tilemerge kernel with selection switched off,
-which times the Triton GEMM + epilogue alone), then the chunked GEMM + top-k select
-encoder (backend "cuda") per chunk size, overlap and per-chunk select. Each variant's top-k
-is checked against torch.topk on the same bf16 pre-activations (the fraction of rows whose index sets match,
-ties aside) before it is timed. Then a torch.profiler breakdown of one encode and of one
-forward + backward step (AuxK, 10% dead) for the triton and cuda backends.
+For each (N, F) at d=1024, k=32, bf16:
+- the cuBLAS GEMM x W^T alone;
+- every tiling in TILINGS: both selection methods, and the tilemerge kernel with selection
+  switched off, which times the Triton GEMM + epilogue alone;
+- the chunked GEMM + top-k select encoder (backend "cuda") per chunk size, overlap and
+  per-chunk select;
+- forward + backward with the AuxK code through dense GEMMs against the sparse kernels.
+Each variant's top-k is checked against torch.topk on the same bf16 pre-activations (the
+fraction of rows whose index sets match, ties aside) before it is timed. Then a
+torch.profiler breakdown of one encode and of one forward + backward step (AuxK, 10%
+dead) for the triton and cuda backends.
 """
 
 from __future__ import annotations
@@ -119,6 +123,37 @@ def sweep(n: int, f: int, d: int, k: int, sections: set[str]) -> list[dict]:
         print(json.dumps(row), flush=True)
     if "gemm" in sections:
         rows += gemm_variants(n, f, k, x, W, b, dead, pre, gemm)
+    if "auxk" in sections:
+        rows += auxk_step_variants(n, f, d, k)
+    return rows
+
+
+def auxk_step_variants(n, f, d, k) -> list[dict]:
+    """Forward + backward (10% dead, bf16 autocast) with the AuxK code through dense GEMMs
+    over the dead latents against the sparse kernels, per encoder backend."""
+    from saeengine.ops import dense_auxk
+
+    sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device="cuda", seed=0)
+    x = torch.randn(n, d, device="cuda")
+    dead = torch.rand(f, device="cuda") < 0.1
+    rows, default_ratio = [], dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K
+    for backend in ("triton", "cuda"):
+        for label, ratio in (("dense", 10**9), ("sparse", 0)):
+            def step():
+                sae.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = sae(x, dead_mask=dead, backend=backend, check=False)
+                out.loss.backward()
+            row = {"N": n, "F": f, "variant": f"fwd_bwd:{backend}:auxk_{label}"}
+            dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K = ratio
+            try:
+                row["ms"] = ms(step)
+            except Exception as exc:  # noqa: BLE001 - recorded in the row
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            finally:
+                dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K = default_ratio
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .backends import resolve_backend
 from .config import SAEConfig
 from .ops import _checks
 from .ops.code import SparseCode
@@ -190,6 +191,19 @@ class SAE(nn.Module):
                 self.threshold.copy_(torch.where(torch.isfinite(low), updated, old))
         return _padded_code(kept)
 
+    def _dense_auxk(self, dead_mask: torch.Tensor | None, backend: str,
+                    device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """(dead latents, AuxK width) when this step's AuxK code goes through dense GEMMs
+        over the dead latents (GPU backends, a TopK SAE, few enough dead latents: see
+        saeengine.ops.dense_auxk), else None. Counting the dead is the host sync AuxK
+        needs anyway."""
+        if dead_mask is None or self.cfg.architecture != "topk" or not self.cfg.effective_k_aux:
+            return None
+        if resolve_backend(backend, "topk_encode", device) == "torch":
+            return None
+        dead, k_dead = ops.dead_latent_list(dead_mask, self.cfg.effective_k_aux)
+        return (dead, k_dead) if dead is not None and ops.use_dense_auxk(dead.numel(), k_dead) else None
+
     def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> SparseCode:
         """x [N, d_in] raw activations -> SparseCode (values, indices [N, k]).
 
@@ -227,13 +241,18 @@ class SAE(nn.Module):
                 raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        code = self._encode_normalized(xn, dead_mask, backend, k, sparse_grad, weight_copies)
+        dense_aux = self._dense_auxk(dead_mask, backend, x.device)
+        code = self._encode_normalized(xn, None if dense_aux else dead_mask, backend, k, sparse_grad, weight_copies)
         codes = [(code.values, code.indices, code.latent_index)]
         if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
             codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
         x_hat, *aux_out = ops.sparse_decode_codes(codes, self.W_dec, self.b_dec, backend=backend,
                                                   sparse_grad=sparse_grad,
                                                   weight_compute=None if weight_copies else self.W_dec.detach())
+        if dense_aux:
+            code.aux, e_hat = ops.auxk_dense(xn - self.b_dec.to(xn.dtype), self.W_enc, self.b_enc, self.W_dec,
+                                             *dense_aux)
+            aux_out = [e_hat]
         xn32 = xn.float()
         err = xn32 - x_hat.float()
         total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)

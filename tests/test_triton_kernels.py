@@ -106,10 +106,15 @@ def _sae_grads(sae, x, dead, backend, sparse_grad=False):
                  for name, p in sae.named_parameters()}
 
 
+@pytest.mark.parametrize("dense_auxk", [True, False], ids=["auxk_dense", "auxk_sparse"])
 @pytest.mark.parametrize("f,k_aux,n_dead", [(130, 16, 13), (300, 130, 150)])
-def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, f, k_aux, n_dead):
-    """Full TopK forward + AuxK + sparse backward through the Triton path (k_aux=130 takes
-    the dense selection of wide subset codes)."""
+def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, monkeypatch, f, k_aux, n_dead,
+                                                               dense_auxk):
+    """Full TopK forward + AuxK + sparse backward through the Triton path, with the AuxK
+    code through dense GEMMs over the dead latents or through the sparse kernels (k_aux=130
+    there takes the dense selection of wide subset codes)."""
+    if not dense_auxk:
+        monkeypatch.setattr("saeengine.ops.dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K", 0)
     torch.manual_seed(5)
     sae = SAE(SAEConfig(d_in=72, d_sae=f, k=8, k_aux=k_aux), device=kernel_device, seed=5)
     with torch.no_grad():
@@ -132,9 +137,11 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, f,
         assert torch.equal(grads[name], grads_again[name]), f"{name} gradient is not bitwise repeatable"
     # Sparse weight gradients: the same bits, with no [F, d] buffer.
     sparse_out, sparse_grads = _sae_grads(sae, x, dead, "triton", sparse_grad=True)
-    chosen = torch.cat([sparse_out.code.indices.flatten(), sparse_out.code.aux.indices.flatten()]).unique()
-    for W in (sae.W_enc, sae.W_dec):  # the rows of the chosen latents, nothing else
-        assert W.grad.is_sparse and torch.equal(W.grad.coalesce().indices()[0], chosen)
+    # The rows of the chosen latents, nothing else (the dense AuxK path gives all dead rows).
+    aux_rows = torch.nonzero(dead).squeeze(1) if dense_auxk else sparse_out.code.aux.indices.flatten()
+    rows = torch.cat([sparse_out.code.indices.flatten(), aux_rows]).unique()
+    for W in (sae.W_enc, sae.W_dec):
+        assert W.grad.is_sparse and torch.equal(W.grad.coalesce().indices()[0], rows)
     for name in grads:
         assert torch.equal(grads[name], sparse_grads[name]), f"sparse {name} gradient differs"
 

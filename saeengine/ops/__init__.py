@@ -3,6 +3,7 @@
 Each op's torch reference sits beside it (``*_ref``): CPU path, test oracle, baseline.
 """
 
+from .dense_auxk import auxk_dense, use_dense_auxk
 from .code import SparseCode
 from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
 from .sparse_decode import (compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_codes,
@@ -13,6 +14,7 @@ from .topk_select import topk_select, topk_select_ref
 __all__ = [
     "LatentIndex",
     "SparseCode",
+    "auxk_dense",
     "build_latent_index",
     "compute_copy",
     "dead_latent_list",
@@ -25,4 +27,5 @@ __all__ = [
     "topk_encode_ref",
     "topk_select",
     "topk_select_ref",
+    "use_dense_auxk",
 ]
