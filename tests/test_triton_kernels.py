@@ -102,6 +102,8 @@ def _sae_grads(sae, x, dead, backend, sparse_grad=False):
     sae.zero_grad(set_to_none=True)
     out = sae(x, dead_mask=dead, backend=backend, sparse_grad=sparse_grad)
     out.loss.backward()
+    if not sparse_grad:  # dense optimizers need dense gradients, whatever the AuxK path adds
+        assert not any(p.grad.is_sparse for p in sae.parameters())
     return out, {name: p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone()
                  for name, p in sae.named_parameters()}
 
