@@ -3,8 +3,8 @@
 Each op's torch reference sits beside it (``*_ref``): CPU path, test oracle, baseline.
 """
 
-from .dense_auxk import auxk_dense, use_dense_auxk
 from .code import SparseCode
+from .dense_auxk import auxk_dense, use_dense_auxk
 from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
 from .sparse_decode import (compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_codes,
                             sparse_decode_ref)

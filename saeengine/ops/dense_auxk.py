@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .code import SparseCode
+from .latent_index import sparse_row_gradient
 from .topk_select import topk_select
 
 DENSE_AUXK_MAX_SUBSET_PER_K = 64
@@ -27,14 +28,6 @@ DENSE_AUXK_MAX_SUBSET_PER_K = 64
 def use_dense_auxk(n_subset: int, k_aux: int) -> bool:
     """Whether an AuxK code of width k_aux over n_subset latents goes through dense GEMMs."""
     return 0 < n_subset <= DENSE_AUXK_MAX_SUBSET_PER_K * k_aux
-
-
-def _rows_gradient(rows: torch.Tensor, subset: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Gradient rows [S, d] of the latents ``subset`` (ascending, distinct) as a sparse
-    COO tensor of ``shape``: autograd adds it into the other code's gradient, dense or
-    sparse, without an [F, d] temporary of its own."""
-    return torch.sparse_coo_tensor(subset.unsqueeze(0), rows.to(dtype), shape, is_coalesced=True,
-                                   check_invariants=False)
 
 
 class AuxKDense(torch.autograd.Function):
@@ -67,13 +60,16 @@ class AuxKDense(torch.autograd.Function):
         x_centered, W_enc_sub, W_dec_sub, act, subset, positions = ctx.saved_tensors
         (enc_shape, enc_dtype), (b_shape, b_dtype), (dec_shape, dec_dtype) = ctx.params
         g = grad_recon.to(act.dtype)
-        grad_W_dec = _rows_gradient(act.T @ g, subset, dec_shape, dec_dtype) if ctx.needs_input_grad[3] else None
+        # Weight gradients as sparse rows of the subset: autograd adds them into the main
+        # code's gradient, dense or sparse, with no [F, d] temporary of their own.
+        grad_W_dec = (sparse_row_gradient([(subset, (act.T @ g).to(dec_dtype))], dec_shape)
+                      if ctx.needs_input_grad[3] else None)
         grad_act = g @ W_dec_sub.T
         if grad_values is not None:  # a loss on the values themselves adds at the chosen entries
             grad_act = grad_act.scatter_add(1, positions, grad_values.to(grad_act.dtype))
         grad_pre = torch.where(act > 0, grad_act, 0.0)  # relu and the selection: chosen, positive entries
         grad_x = grad_pre @ W_enc_sub if ctx.needs_input_grad[0] else None
-        grad_W_enc = (_rows_gradient(grad_pre.T @ x_centered, subset, enc_shape, enc_dtype)
+        grad_W_enc = (sparse_row_gradient([(subset, (grad_pre.T @ x_centered).to(enc_dtype))], enc_shape)
                       if ctx.needs_input_grad[1] else None)
         grad_b = None
         if ctx.needs_input_grad[2]:
