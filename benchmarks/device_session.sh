@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see /work/.library/device): build, test, tune, benchmark.
 #   bash benchmarks/device_session.sh STAGE...   with STAGE in: build tests gputests tune bench trainer cudaops
-#   bash benchmarks/device_session.sh all        build gputests tune bench cudaops trainer (about 20 min)
+# A device call runs at most 10 minutes, so the pending GPU figures take three calls on
+# one warm machine (the build and the installed wheels persist between them):
+#   bash benchmarks/device_session.sh build gputests
+#   TUNE_ARGS="--sections gemm,auxk,breakdown" bash benchmarks/device_session.sh tune bench
+#   CUDAOPS_TIMEOUT=330 bash benchmarks/device_session.sh cudaops trainer
 # Logs and JSON go to $OUT (default ./device-out). Each stage has its own time limit so
 # a slow one cannot eat the whole call.
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site  # wheels the build stage installed (sparsify)
 stage() { echo "=== $1 ($(date +%T))"; }
 stages=("$@")
-if [ "${1:-}" = all ]; then
-  stages=(build gputests tune bench cudaops trainer)
-  export TUNE_ARGS=${TUNE_ARGS:---sections gemm,auxk,breakdown} TUNE_TIMEOUT=${TUNE_TIMEOUT:-300} \
-    CUDAOPS_TIMEOUT=${CUDAOPS_TIMEOUT:-400}
-fi
 for s in "${stages[@]}"; do
   case $s in
     build)
