@@ -57,6 +57,21 @@ def test_cuda_encoder_needs_triton_for_its_backward(monkeypatch):
     assert resolve_backend("auto", "topk_encode", cuda) == "torch"
 
 
+def test_auto_passes_over_kernels_awaiting_gpu_validation(monkeypatch):
+    """A CUDA kernel whose GPU tests have not run yet is used only when named."""
+    monkeypatch.delenv("SAEENGINE_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "load_extension", lambda: (True, ""))
+    cuda = torch.device("cuda")
+    assert ("mark_fired", "cuda") in backends.AWAITING_GPU_VALIDATION
+    assert resolve_backend("auto", "mark_fired", cuda) == "torch"
+    assert resolve_backend("cuda", "mark_fired", cuda) == "cuda"
+    monkeypatch.setenv("SAEENGINE_BACKEND", "cuda")  # an override names it too
+    assert resolve_backend("auto", "mark_fired", cuda) == "cuda"
+    monkeypatch.delenv("SAEENGINE_BACKEND")
+    monkeypatch.setattr(backends, "AWAITING_GPU_VALIDATION", frozenset())
+    assert resolve_backend("auto", "mark_fired", cuda) == "cuda"
+
+
 def test_auto_falls_back_and_logs_once(monkeypatch, caplog):
     """On a CUDA device with neither triton nor the extension, auto ends at torch."""
     monkeypatch.delenv("SAEENGINE_BACKEND", raising=False)

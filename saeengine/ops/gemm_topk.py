@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .topk_select import topk_select
+from .topk_select import fastest_select_backend, topk_select
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # one [N, chunk] pre-activation buffer
 
@@ -45,7 +45,8 @@ def gemm_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Ten
             master weights (cast one chunk at a time, never whole).
         k: 1 <= k <= F (or <= F_sub).
         latent_subset: [F_sub] int64 latents to choose among (AuxK's dead latents), or None.
-        select_backend: the backend of the per-chunk :func:`topk_select`.
+        select_backend: the backend of the per-chunk :func:`topk_select`; "fastest": the
+            CUDA kernel wherever it can run this selection.
         chunk_bytes: size of one pre-activation buffer.
         overlap: select each chunk on a side stream while the next chunk's GEMM runs
             (CUDA only; two buffers).
@@ -58,6 +59,8 @@ def gemm_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Ten
         W, b_enc = W[latent_subset], b_enc[latent_subset]
     n, f = x_centered.shape[0], W.shape[0]
     cols = chunk_columns(n, f, x_centered.element_size(), chunk_bytes)
+    if select_backend == "fastest":
+        select_backend = fastest_select_backend(x_centered, k)
     values, indices = _chunk_candidates(x_centered, W, b_enc, k, cols, select_backend,
                                         overlap and x_centered.is_cuda and cols < f)
     if len(values) == 1:

@@ -63,7 +63,7 @@ def _select(x_centered, W_compute, b_enc, k, latent_subset, method):
     kernel; wide subset codes go dense) or "gemm" (chunked cuBLAS GEMM + top-k select)."""
     from saeengine.kernels.topk_encode import topk_encode_forward
 
-    fused, select_backend = {"fused": (True, "torch"), "gemm": (False, "auto")}[method]
+    fused, select_backend = {"fused": (True, "torch"), "gemm": (False, "fastest")}[method]
     if fused and not (latent_subset is not None and k >= DENSE_SELECT_MIN_K):
         return topk_encode_forward(x_centered, W_compute, b_enc, k, latent_subset)
     return gemm_topk_encode(x_centered, W_compute, b_enc, k, latent_subset, select_backend=select_backend)

@@ -24,6 +24,18 @@ def topk_select_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.topk(x, k, dim=1, largest=True, sorted=True)
 
 
+def fastest_select_backend(x: torch.Tensor, k: int) -> str:
+    """"cuda" where the kernel can run this selection (CUDA tensor, k <= 1024, not float64,
+    extension built), else "torch": for callers that asked for the CUDA path by name (the
+    chunked "cuda" encoder), which "auto" would not give while the kernel awaits its GPU
+    validation (saeengine.backends)."""
+    from saeengine.backends import unavailable_reason
+
+    if k > CUDA_MAX_K or x.dtype == torch.float64 or unavailable_reason("cuda", "topk_select", x.device):
+        return "torch"
+    return "cuda"
+
+
 def topk_select(x: torch.Tensor, k: int, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of x, sorted descending.
 
