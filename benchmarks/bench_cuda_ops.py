@@ -152,7 +152,10 @@ def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Ten
     row.update(memory_model_gb(f, x.shape[1], torch.finfo(moment_dtype).bits // 8, grad_rows, weight_copies))
     try:
         sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=f, k=k), device=x.device, seed=0)
-        opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype)
+        # The CUDA optimizer by name: "auto" passes over kernels awaiting their GPU validation.
+        backend = "cuda" if "cuda" in saeengine.available_backends("row_sparse_adam", x.device) else "torch"
+        opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype, backend=backend)
+        row["optimizer_backend"] = backend
     except torch.OutOfMemoryError:
         row["step_ms"] = "OOM"
         return
