@@ -61,3 +61,25 @@ def assert_valid_topk(values, indices, pre64, k, tol):
     assert (values.diff(dim=1) <= tol).all(), "values not sorted descending"
     true_kth = pre64.topk(k, dim=1).values[:, -1]
     assert (at_chosen[:, -1] >= true_kth - tol).all(), "a larger activation was left out"
+
+
+def grads_through(run, *inputs):
+    """Autograd through ``run``: the inputs are cloned as leaves, ``run(*leaves)`` returns
+    (outputs, loss), and the loss is backpropagated. Returns (outputs, the leaves'
+    gradients, sparse ones made dense)."""
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    outputs, loss = run(*leaves)
+    loss.backward()
+    return outputs, [t.grad.to_dense() if t.grad.is_sparse else t.grad for t in leaves]
+
+
+def sae_grads(sae, x, dead, backend, sparse_grad=False):
+    """One forward + backward of ``sae`` (AuxK over ``dead``): (output, {name: gradient}),
+    sparse gradients made dense. Without sparse_grad every gradient must be dense."""
+    sae.zero_grad(set_to_none=True)
+    out = sae(x, dead_mask=dead, backend=backend, sparse_grad=sparse_grad)
+    out.loss.backward()
+    if not sparse_grad:  # dense optimizers need dense gradients, whatever the AuxK path adds
+        assert not any(p.grad.is_sparse for p in sae.parameters())
+    return out, {name: p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone()
+                 for name, p in sae.named_parameters()}

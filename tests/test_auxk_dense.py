@@ -6,6 +6,8 @@ import torch
 
 from saeengine import ops
 
+from conftest import grads_through
+
 
 def _problem(n=10, d=24, f=90, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -16,28 +18,24 @@ def _problem(n=10, d=24, f=90, seed=0):
     return x, W_enc, b_enc, W_dec
 
 
-def _grads(run, x, W_enc, b_enc, W_dec, weights):
-    leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, W_dec)]
-    code, recon = run(*leaves)
-    ((recon * weights).sum() + code.values.sum()).backward()
-    return code, recon, [t.grad.to_dense() if t.grad.is_sparse else t.grad for t in leaves]
-
-
 @pytest.mark.parametrize("k", [1, 7, 30])
 def test_auxk_dense_matches_sparse_path(k):
     x, W_enc, b_enc, W_dec = _problem()
     subset = torch.arange(2, 90, 3)  # 30 latents: k=30 takes all of them
     weights = torch.randn(x.shape[0], x.shape[1])
 
+    def weighted(code, recon):
+        return (code, recon), (recon * weights).sum() + code.values.sum()
+
     def dense(x, W_enc, b_enc, W_dec):
-        return ops.auxk_dense(x, W_enc, b_enc, W_dec, subset, k)
+        return weighted(*ops.auxk_dense(x, W_enc, b_enc, W_dec, subset, k))
 
     def reference(x, W_enc, b_enc, W_dec):
         code = ops.SparseCode(*ops.topk_encode_ref(x, W_enc, b_enc, k, latent_subset=subset))
-        return code, ops.sparse_decode_ref(code.values, code.indices, W_dec)
+        return weighted(code, ops.sparse_decode_ref(code.values, code.indices, W_dec))
 
-    code, recon, grads = _grads(dense, x, W_enc, b_enc, W_dec, weights)
-    ref_code, ref_recon, ref_grads = _grads(reference, x, W_enc, b_enc, W_dec, weights)
+    (code, recon), grads = grads_through(dense, x, W_enc, b_enc, W_dec)
+    (ref_code, ref_recon), ref_grads = grads_through(reference, x, W_enc, b_enc, W_dec)
     positive = ref_code.values > 0  # zero entries may tie in any order
     assert torch.equal(code.indices[positive], ref_code.indices[positive])
     torch.testing.assert_close(code.values, ref_code.values)

@@ -9,7 +9,7 @@ from saeengine import SAE, SAEConfig, ops
 from saeengine.ops.topk_encode import _encode_sparse
 from saeengine.ops.gemm_topk import chunk_columns, gemm_topk_encode
 
-from conftest import assert_valid_topk, pre_activations64, requires_gpu
+from conftest import assert_valid_topk, grads_through, pre_activations64, requires_gpu, sae_grads
 
 
 def _inputs(n, d, f, seed, device="cpu"):
@@ -59,14 +59,6 @@ def test_gemm_topk_values_are_relu_when_fewer_than_k_are_positive():
     assert (values[:, :2] > 0).all() and (values[:, 2:] == 0).all()
 
 
-def _grads_through(encode, x, W, b, weights):
-    x, W, b = (t.clone().requires_grad_(True) for t in (x, W, b))
-    codes = encode(x, W, b)
-    loss = sum((code.values * w).sum() for code, w in zip(codes, weights))
-    loss.backward()
-    return codes, (x.grad, W.grad, b.grad)
-
-
 def test_gemm_forward_with_sparse_backward_matches_reference(kernel_device):
     """The "gemm" selection wired through the shared autograd node (main + AuxK codes):
     same codes and gradients as autograd through the reference. The backward kernels run
@@ -76,15 +68,18 @@ def test_gemm_forward_with_sparse_backward_matches_reference(kernel_device):
     dead = torch.arange(0, f, 4, device=kernel_device)
     weights = [torch.randn(n, k, device=kernel_device), torch.randn(n, k_aux, device=kernel_device)]
 
+    def weighted(codes):
+        return codes, sum((code.values * w).sum() for code, w in zip(codes, weights))
+
     def ours(x, W, b):
-        return _encode_sparse(x, W, W.detach(), b, [(k, None), (k_aux, dead)], "gemm")
+        return weighted(_encode_sparse(x, W, W.detach(), b, [(k, None), (k_aux, dead)], "gemm"))
 
     def reference(x, W, b):
-        return [ops.SparseCode(*ops.topk_encode_ref(x, W, b, k)),
-                ops.SparseCode(*ops.topk_encode_ref(x, W, b, k_aux, latent_subset=dead))]
+        return weighted([ops.SparseCode(*ops.topk_encode_ref(x, W, b, k)),
+                         ops.SparseCode(*ops.topk_encode_ref(x, W, b, k_aux, latent_subset=dead))])
 
-    got_codes, got = _grads_through(ours, x, W, b, weights)
-    ref_codes, ref = _grads_through(reference, x, W, b, weights)
+    got_codes, got = grads_through(ours, x, W, b)
+    ref_codes, ref = grads_through(reference, x, W, b)
     for code, ref_code in zip(got_codes, ref_codes):
         assert torch.equal(code.indices, ref_code.indices)
         torch.testing.assert_close(code.values, ref_code.values, rtol=1e-5, atol=1e-5)
@@ -118,11 +113,8 @@ def test_sae_cuda_backend_matches_triton_and_repeats():
     dead = torch.rand(2**14, device="cuda") < 0.1
 
     def grads(backend):
-        sae.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = sae(x, dead_mask=dead, backend=backend)
-        out.loss.backward()
-        return {name: p.grad.clone() for name, p in sae.named_parameters()}
+            return sae_grads(sae, x, dead, backend)[1]
 
     ref, got, again = grads("triton"), grads("cuda"), grads("cuda")
     for name in ref:

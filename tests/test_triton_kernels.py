@@ -11,7 +11,7 @@ from saeengine.kernels.sparse_decode import sparse_decode_forward, sparse_decode
 from saeengine.kernels.topk_encode import EncodeTiling, topk_encode_forward
 from saeengine.ops.latent_index import build_latent_index, latent_weighted_rowsum_ref
 
-from conftest import assert_valid_topk, pre_activations64, requires_gpu
+from conftest import assert_valid_topk, pre_activations64, requires_gpu, sae_grads
 
 # (N, d, F, k, splits): N=1, d=72, F not a power of two, k=1, k=F, several F-splits.
 ENCODE_SHAPES = [
@@ -98,16 +98,6 @@ def test_latent_rowsum_kernel_matches_reference_and_is_bitwise_repeatable(kernel
     assert torch.equal(rows_c, out[latents]) and torch.equal(sums_c, sums[latents])
 
 
-def _sae_grads(sae, x, dead, backend, sparse_grad=False):
-    sae.zero_grad(set_to_none=True)
-    out = sae(x, dead_mask=dead, backend=backend, sparse_grad=sparse_grad)
-    out.loss.backward()
-    if not sparse_grad:  # dense optimizers need dense gradients, whatever the AuxK path adds
-        assert not any(p.grad.is_sparse for p in sae.parameters())
-    return out, {name: p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone()
-                 for name, p in sae.named_parameters()}
-
-
 @pytest.mark.parametrize("dense_auxk", [True, False], ids=["auxk_dense", "auxk_sparse"])
 @pytest.mark.parametrize("f,k_aux,n_dead", [(130, 16, 13), (300, 130, 150)])
 def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, monkeypatch, f, k_aux, n_dead,
@@ -126,19 +116,19 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, mo
     x = torch.randn(16, 72, device=kernel_device)
     dead = torch.zeros(f, dtype=torch.bool, device=kernel_device)
     dead[torch.randperm(f)[:n_dead]] = True
-    ref_out, ref_grads = _sae_grads(sae, x, dead, "torch")
-    out, grads = _sae_grads(sae, x, dead, "triton")
+    ref_out, ref_grads = sae_grads(sae, x, dead, "torch")
+    out, grads = sae_grads(sae, x, dead, "triton")
     assert torch.equal(out.code.indices, ref_out.code.indices)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.auxk_loss, ref_out.auxk_loss, rtol=1e-4, atol=1e-6)
     assert float(out.auxk_loss.detach()) > 0
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    _, grads_again = _sae_grads(sae, x, dead, "triton")
+    _, grads_again = sae_grads(sae, x, dead, "triton")
     for name in grads:
         assert torch.equal(grads[name], grads_again[name]), f"{name} gradient is not bitwise repeatable"
     # Sparse weight gradients: the same bits, with no [F, d] buffer.
-    sparse_out, sparse_grads = _sae_grads(sae, x, dead, "triton", sparse_grad=True)
+    sparse_out, sparse_grads = sae_grads(sae, x, dead, "triton", sparse_grad=True)
     # The rows of the chosen latents, nothing else (the dense AuxK path gives all dead rows).
     aux_rows = torch.nonzero(dead).squeeze(1) if dense_auxk else sparse_out.code.aux.indices.flatten()
     rows = torch.cat([sparse_out.code.indices.flatten(), aux_rows]).unique()
@@ -174,7 +164,7 @@ def test_sae_without_weight_copies_gpu_matches_torch(backend):
     x = torch.randn(2048, 1024, device="cuda")
     dead = torch.rand(2**14, device="cuda") < 0.1
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        _, ref = _sae_grads(sae, x, dead, "torch")
+        _, ref = sae_grads(sae, x, dead, "torch")
         sae.zero_grad(set_to_none=True)
         out = sae(x, dead_mask=dead, backend=backend, weight_copies=False)
         out.loss.backward()
@@ -191,9 +181,9 @@ def test_sae_backward_gpu_matches_torch_and_repeats(dtype):
     x = torch.randn(2048, 1024, device="cuda")
     dead = torch.rand(2**14, device="cuda") < 0.1
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        _, ref = _sae_grads(sae, x, dead, "torch")
-        _, got = _sae_grads(sae, x, dead, "triton")
-        _, again = _sae_grads(sae, x, dead, "triton")
+        _, ref = sae_grads(sae, x, dead, "torch")
+        _, got = sae_grads(sae, x, dead, "triton")
+        _, again = sae_grads(sae, x, dead, "triton")
     for name in ref:
         err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
         assert err < (3e-2 if dtype == torch.bfloat16 else 1e-3), (name, float(err))

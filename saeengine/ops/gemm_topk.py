@@ -1,7 +1,7 @@
 """Chunked GEMM + top-k select: the encoder's forward selection on the "cuda" backend.
 
 cuBLAS computes the pre-activations one column chunk at a time ([N, chunk], the bias added
-in the GEMM's epilogue), :func:`saeengine.ops.topk_select` (the CUDA radix select) keeps
+in the GEMM's epilogue), :func:`saeengine.ops.topk_select` (the CUDA select) keeps
 each chunk's top k per row, and one small top-k over the chunks' candidates gives the
 answer. The [N, F] matrix never exists: at most one [N, chunk] buffer does (two with
 ``overlap``).

@@ -24,6 +24,11 @@ def topk_select_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.topk(x, k, dim=1, largest=True, sorted=True)
 
 
+def _kernel_takes(x: torch.Tensor, k: int) -> bool:
+    """Whether the CUDA kernel handles this selection's k and dtype at all."""
+    return k <= CUDA_MAX_K and x.dtype != torch.float64
+
+
 def fastest_select_backend(x: torch.Tensor, k: int) -> str:
     """"cuda" where the kernel can run this selection (CUDA tensor, k <= 1024, not float64,
     extension built), else "torch": for callers that asked for the CUDA path by name (the
@@ -31,9 +36,7 @@ def fastest_select_backend(x: torch.Tensor, k: int) -> str:
     validation (saeengine.backends)."""
     from saeengine.backends import unavailable_reason
 
-    if k > CUDA_MAX_K or x.dtype == torch.float64 or unavailable_reason("cuda", "topk_select", x.device):
-        return "torch"
-    return "cuda"
+    return "cuda" if _kernel_takes(x, k) and not unavailable_reason("cuda", "topk_select", x.device) else "torch"
 
 
 def topk_select(x: torch.Tensor, k: int, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +55,7 @@ def topk_select(x: torch.Tensor, k: int, *, backend: str = "auto") -> tuple[torc
     _checks.check_float("x", x)
     if not 1 <= k <= x.shape[1]:
         raise ValueError(f"k={k} must lie in [1, F={x.shape[1]}]")
-    if backend == "auto" and (k > CUDA_MAX_K or x.dtype == torch.float64):  # beyond the kernel
+    if backend == "auto" and not _kernel_takes(x, k):  # beyond the kernel
         backend = "torch"
     backend = resolve_backend(backend, "topk_select", x.device)
     if backend == "cuda":
