@@ -30,7 +30,7 @@ import torch
 import saeengine
 from run_benchmarks import bench_ms, copy_bandwidth_gbps, guarded, measure_into, sparsify_coder, stamp
 from saeengine import SAE, SAEConfig, ops
-from saeengine.optim import RowSparseAdam, resample_dead_latents_
+from saeengine.optim import RowSparseAdam, fired_rows, resample_dead_latents_
 
 SECTIONS = ("select", "decode", "optimizer", "resample", "step", "widest")
 
@@ -126,9 +126,9 @@ def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, sparse_grad: b
         sae.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             out = sae(x, dead_mask=dead, check=False, sparse_grad=sparse_grad, weight_copies=weight_copies)
+        fired = fired_rows(out.code, sae.cfg.d_sae)  # as the trainer: found before the backward, read after
         out.loss.backward()
-        parts = [out.code.indices.reshape(-1)] + ([out.code.aux.indices.reshape(-1)] if out.code.aux else [])
-        opt.step(torch.unique(torch.cat(parts)))
+        opt.step(fired.get())
     return run
 
 

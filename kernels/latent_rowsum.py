@@ -13,7 +13,9 @@ step (the main and the AuxK code) then share one gradient buffer, with no [F, d]
 temporary per code and no sum of them.
 With ``compact_rows`` the output holds one row per distinct latent instead, in ascending
 latent order (row u belongs to ``index.unique_latents[u]``): the rows of a sparse
-gradient, with no [F, d] buffer at all.
+gradient, with no [F, d] buffer at all. Its row count is a bound the host knows
+(min(pairs, F)), not the distinct count, which lives on the device: the kernel writes zeros
+past it, and the host never waits to size the output.
 The grid is persistent: a fixed number of programs walks the distinct latents, whose count
 is read on the device, so the launch does not scale with the number of pairs (AuxK has
 N * k_aux of them) and the host never syncs.
@@ -31,7 +33,7 @@ from ._common import interpreting, next_pow2, target_programs
 @triton.jit
 def _latent_rowsum_kernel(
     order_ptr, unique_ptr, starts_ptr, n_unique_ptr, coef_ptr, rows_ptr, out_ptr, sums_ptr,
-    k, d, stride_rn, stride_of,
+    k, d, stride_rn, stride_of, n_rows_out,
     HAS_SUMS: tl.constexpr, ACCUMULATE: tl.constexpr, COMPACT: tl.constexpr, UNROLL: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -63,6 +65,13 @@ def _latent_rowsum_kernel(
                 if ACCUMULATE:
                     coef_sum += tl.load(sums_ptr + latent).to(tl.float32)
                 tl.store(sums_ptr + latent, coef_sum.to(sums_ptr.dtype.element_ty))
+    if COMPACT:  # the padding rows past the distinct latents: zeros, so the buffer can be empty
+        zeros = tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        for slot in range(n_unique + tl.program_id(0), n_rows_out, tl.num_programs(0)):
+            tl.store(out_ptr + slot * stride_of + cols, zeros, mask=col_mask)
+            if HAS_SUMS:
+                if tl.program_id(1) == 0:
+                    tl.store(sums_ptr + slot, 0.0)
 
 
 def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int, n_latents: int,
@@ -74,8 +83,9 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
 
     ``out`` (and ``sums`` with ``with_sums``): a previous call's result, contiguous, to add
     this call's sums into, in place; out_dtype is then theirs.
-    ``compact_rows``: the number of distinct latents (int(index.n_unique)); out is then
-    [compact_rows, d] and sums [compact_rows], row u for latent index.unique_latents[u]."""
+    ``compact_rows``: at least the number of distinct latents (min(P, n_latents) is
+    always enough); out is then [compact_rows, d] and sums [compact_rows], row u for latent
+    index.unique_latents[u], and zeros past the distinct count."""
     coef, rows = coef.contiguous(), rows.contiguous()
     n_pairs = coef.numel()
     d = rows.shape[1]
@@ -87,9 +97,10 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
     if accumulate:
         if not out.is_contiguous() or tuple(out.shape) != (n_latents, d) or (with_sums and sums is None):
             raise ValueError(f"out must be a contiguous [{n_latents}, {d}] buffer (and sums given with with_sums)")
-    else:
-        out = torch.zeros(n_latents, d, dtype=out_dtype, device=rows.device)
-        sums = torch.zeros(n_latents, dtype=out_dtype, device=rows.device) if with_sums else None
+    else:  # compact rows are all written by the kernel; full ones keep the unfired rows' zeros
+        alloc = torch.empty if compact_rows is not None and n_pairs else torch.zeros
+        out = alloc(n_latents, d, dtype=out_dtype, device=rows.device)
+        sums = alloc(n_latents, dtype=out_dtype, device=rows.device) if with_sums else None
     if n_pairs == 0:
         return out, sums
     block_d = min(next_pow2(d), 64 if interpreting() else 512)
@@ -98,7 +109,7 @@ def latent_weighted_rowsum(index, coef: torch.Tensor, rows: torch.Tensor, k: int
     _latent_rowsum_kernel[(programs, col_blocks)](
         index.order, index.unique_latents, index.segment_starts, index.n_unique, coef, rows, out,
         sums if sums is not None else out,
-        k, d, rows.stride(0), out.stride(0),
+        k, d, rows.stride(0), out.stride(0), n_latents,
         HAS_SUMS=with_sums, ACCUMULATE=accumulate, COMPACT=compact_rows is not None, UNROLL=8, BLOCK_D=block_d, num_warps=2,
     )
     return out, sums

@@ -147,12 +147,14 @@ class SAE(nn.Module):
 
     def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str,
                            k: int | None = None, sparse_grad: bool = False,
-                           weight_copies: bool = True) -> SparseCode:
+                           weight_copies: bool = True, dead_latents: torch.Tensor | None = None) -> SparseCode:
+        """``dead_latents`` [S] (topk only): the dead latents already listed, instead of the mask."""
         cfg = self.cfg
         k = k or cfg.k
         if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
+            aux = dead_mask is not None or dead_latents is not None
             return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_mask=dead_mask,
-                                   k_aux=cfg.effective_k_aux if dead_mask is not None else 0,
+                                   dead_latents=dead_latents, k_aux=cfg.effective_k_aux if aux else 0,
                                    backend=backend, sparse_grad=sparse_grad, check=False,
                                    weight_compute=None if weight_copies else self.W_enc.detach())
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
@@ -191,18 +193,19 @@ class SAE(nn.Module):
                 self.threshold.copy_(torch.where(torch.isfinite(low), updated, old))
         return _padded_code(kept)
 
-    def _dense_auxk(self, dead_mask: torch.Tensor | None, backend: str,
-                    device: torch.device) -> tuple[torch.Tensor, int] | None:
-        """(dead latents, AuxK width) when this step's AuxK code goes through dense GEMMs
-        over the dead latents (GPU backends, a TopK SAE, few enough dead latents: see
-        saeengine.ops.dense_auxk), else None. Counting the dead is the host sync AuxK
-        needs anyway."""
+    def _listed_dead(self, dead_mask: torch.Tensor | None, backend: str,
+                     device: torch.device) -> tuple[bool, torch.Tensor | None, int, bool]:
+        """(listed, dead latents [S] ascending or None when none is dead, AuxK width, dense)
+        for a TopK SAE with AuxK on a GPU backend: listing them is the one host sync AuxK
+        needs, done once here. ``dense`` says whether the AuxK code goes through dense
+        GEMMs over them (few enough dead: see saeengine.ops.dense_auxk) or through the
+        sparse kernels. Elsewhere ``listed`` is False and the mask goes to the encoder."""
         if dead_mask is None or self.cfg.architecture != "topk" or not self.cfg.effective_k_aux:
-            return None
+            return False, None, 0, False
         if resolve_backend(backend, "topk_encode", device) == "torch":
-            return None
+            return False, None, 0, False
         dead, k_dead = ops.dead_latent_list(dead_mask, self.cfg.effective_k_aux)
-        return (dead, k_dead) if dead is not None and ops.use_dense_auxk(dead.numel(), k_dead) else None
+        return True, dead, k_dead, dead is not None and ops.use_dense_auxk(dead.numel(), k_dead)
 
     def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> SparseCode:
         """x [N, d_in] raw activations -> SparseCode (values, indices [N, k]).
@@ -241,8 +244,12 @@ class SAE(nn.Module):
                 raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        dense_aux = self._dense_auxk(dead_mask, backend, x.device)
-        code = self._encode_normalized(xn, None if dense_aux else dead_mask, backend, k, sparse_grad, weight_copies)
+        listed, dead, k_dead, dense_aux = self._listed_dead(dead_mask, backend, x.device)
+        if listed:  # the encoder takes the list (sparse AuxK) or nothing (dense AuxK, none dead)
+            code = self._encode_normalized(xn, None, backend, k, sparse_grad, weight_copies,
+                                           dead_latents=None if dense_aux else dead)
+        else:
+            code = self._encode_normalized(xn, dead_mask, backend, k, sparse_grad, weight_copies)
         codes = [(code.values, code.indices, code.latent_index)]
         if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
             codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
@@ -251,7 +258,7 @@ class SAE(nn.Module):
                                                   weight_compute=None if weight_copies else self.W_dec.detach())
         if dense_aux:
             code.aux, e_hat = ops.auxk_dense(xn - self.b_dec.to(xn.dtype), self.W_enc, self.b_enc, self.W_dec,
-                                             *dense_aux)
+                                             dead, k_dead)
             aux_out = [e_hat]
         xn32 = xn.float()
         err = xn32 - x_hat.float()

@@ -52,10 +52,14 @@ def _syncs(func, args, kwargs) -> bool:
         return True
     if name == "repeat_interleave":
         return kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None)
-    if name in ("_to_copy", "copy_"):  # CUDA -> CPU
-        src, dst_device = (args[0], kwargs.get("device")) if name == "_to_copy" else (args[1], args[0].device)
-        return (isinstance(src, torch.Tensor) and src.is_cuda and dst_device is not None
-                and torch.device(dst_device).type == "cpu")
+    if name == "_to_copy":  # CUDA -> CPU
+        device = kwargs.get("device")
+        return args[0].is_cuda and device is not None and torch.device(device).type == "cpu"
+    if name == "copy_":  # CUDA -> CPU, unless asynchronous into pinned memory (saeengine._host_read)
+        dst, src = args[0], args[1]
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        return (isinstance(src, torch.Tensor) and src.is_cuda and dst.device.type == "cpu"
+                and not (non_blocking and dst.is_pinned()))
     return _is_bool_mask_index(func, args)
 
 

@@ -86,3 +86,9 @@ def test_dead_mask_checks(sae):
         sae(torch.randn(4, 16), dead_mask=torch.zeros(31, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
         sae(torch.randn(4, 16), dead_mask=torch.zeros(32))
+    dead = torch.zeros(32, dtype=torch.bool)
+    with pytest.raises(ValueError, match="not both"):
+        ops.topk_encode(torch.randn(4, 16), sae.W_enc, sae.b_enc, 4, dead_mask=dead, dead_latents=torch.tensor([1]),
+                        k_aux=2)
+    with pytest.raises(IndexError, match=r"must lie in \[0, 31\]"):
+        ops.topk_encode(torch.randn(4, 16), sae.W_enc, sae.b_enc, 4, dead_latents=torch.tensor([3, 32]), k_aux=2)

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from saeengine import SAE, SAEConfig
-from saeengine.optim import RowSparseAdam, clip_grad_norm_, latent_grad_rows, resample_dead_latents_
+from saeengine.ops import SparseCode
+from saeengine.optim import RowSparseAdam, clip_grad_norm_, fired_rows, latent_grad_rows, resample_dead_latents_
+from saeengine.syncs import count_host_syncs
 
 
 def make_sae(f=40, d=12, seed=0):
@@ -231,3 +233,60 @@ def test_latent_grad_rows_gathers_from_dense_and_sparse():
     empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 3), dense.shape,
                                     check_invariants=True)
     assert latent_grad_rows(empty, rows).abs().sum() == 0
+    # Uncoalesced, as the sparse backward gives it: a latent once per code (summed), zero
+    # padding rows naming latent 0, and an unlisted latent's entry (dropped).
+    a, b, c, unlisted = torch.randn(4, 3).unbind()
+    entries = torch.tensor([[9, 1, 0, 9, 0, 4]])
+    values = torch.stack([a, b, torch.zeros(3), c, torch.zeros(3), unlisted])
+    messy = torch.sparse_coo_tensor(entries, values, dense.shape, check_invariants=True)
+    assert not messy.is_coalesced()
+    expected = torch.stack([b, torch.zeros(3), torch.zeros(3), a + c])
+    assert torch.equal(latent_grad_rows(messy, rows), expected)
+    assert torch.equal(latent_grad_rows(messy, rows), latent_grad_rows(messy.coalesce(), rows))
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_grads", "sparse_grads"])
+def test_row_sparse_adam_fused_clipping_matches_clip_then_step(sparse):
+    """step(rows, max_grad_norm) clips over the gathered rows: the same step as
+    clip_grad_norm_ followed by step(rows) when the unlisted rows have no gradient, with
+    the norm returned; without clipping it returns None."""
+    gen = torch.Generator().manual_seed(7)
+    fused, ref = make_sae(), make_sae()
+    opts = RowSparseAdam(fused, lr=1e-2), RowSparseAdam(ref, lr=1e-2)
+    for step in range(3):
+        rows = torch.randperm(40, generator=gen)[:11].sort().values
+        random_grads(ref, rows, gen)
+        for name, p in ref.named_parameters():
+            p.grad.mul_(5.0)  # well above the clip norm
+            grad = p.grad.clone()
+            if sparse and name in ("W_enc", "W_dec"):
+                grad = _as_sparse_rows(grad, rows, torch.tensor([0]) if 0 not in rows else torch.tensor([], dtype=torch.long))
+            dict(fused.named_parameters())[name].grad = grad
+        norm_ref = clip_grad_norm_(ref.parameters(), 0.5)
+        opts[1].step(rows)
+        norm = opts[0].step(rows, max_grad_norm=0.5)
+        torch.testing.assert_close(norm, norm_ref)
+        assert float(norm) > 0.5
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert opts[0].step(rows) is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned asynchronous count); the CPU case runs the same math"))])
+def test_fired_rows_lists_positive_latents_of_both_codes_without_a_sync(device):
+    gen = torch.Generator().manual_seed(2)
+    f = 50
+    code = SparseCode(torch.rand(6, 4, generator=gen) - 0.3, torch.randint(0, f, (6, 4), generator=gen))
+    code.aux = SparseCode(torch.rand(6, 9, generator=gen) - 0.5, torch.randint(0, f, (6, 9), generator=gen))
+    code = SparseCode(code.values.to(device), code.indices.to(device), aux=SparseCode(
+        code.aux.values.to(device), code.aux.indices.to(device)))
+    expected = torch.cat([code.indices[code.values > 0], code.aux.indices[code.aux.values > 0]]).unique()
+    with count_host_syncs() as syncs:
+        found = fired_rows(code, f)
+    assert syncs.total == 0, dict(syncs.by_op)
+    rows = found.get()
+    assert torch.equal(rows, expected) and 0 < rows.numel() < f
+    assert torch.equal(fired_rows(code, f).get(), rows)
+    none_fired = SparseCode(-code.values.abs(), code.indices)
+    assert fired_rows(none_fired, f).get().numel() == 0

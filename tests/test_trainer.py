@@ -162,14 +162,34 @@ def test_row_sparse_training_on_gpu_steps_on_sparse_gradients(tmp_path, planted,
     sparse_steps = []
     step = RowSparseAdam.step
 
-    def spy(self, rows):
+    def spy(self, rows, **kwargs):
         sparse_steps.append(self.sae.W_enc.grad.is_sparse and self.sae.W_dec.grad.is_sparse)
-        return step(self, rows)
+        return step(self, rows, **kwargs)
 
     monkeypatch.setattr(RowSparseAdam, "step", spy)
     sae = saeengine.train(planted.activations, quick(tmp_path, optimizer="row_sparse_adam", device="cuda"))
     assert sparse_steps and all(sparse_steps)
     assert dictionary_recovery(planted.atoms, sae.W_dec.detach().cpu()) >= 0.9
+
+
+@pytest.mark.parametrize("auxk", [True, False], ids=["auxk", "no_auxk"])
+def test_row_sparse_step_syncs_only_to_list_the_dead(tmp_path, kernel_device, auxk):
+    """A training step on the sparse kernels (sparse weight gradients, row-sparse Adam,
+    clipping on) waits on the host once at most: listing the dead latents for AuxK. The
+    fired rows, the gradients' row counts and the clipping norm stay on the device."""
+    from saeengine.syncs import count_host_syncs
+    from saeengine.trainer import loop
+
+    cfg = TrainConfig(d_sae=96, k=4, k_aux=8, auxk=auxk, batch_size=16, total_tokens=64, device=kernel_device.type,
+                      backend="triton", optimizer="row_sparse_adam", out_dir=str(tmp_path), progress=False)
+    run = loop._make_run(cfg, 24, kernel_device, tmp_path)
+    run.tokens_seen = cfg.dead_after_tokens
+    run.last_fired[12:] = cfg.dead_after_tokens  # latents 0..11 dead
+    x = torch.randn(16, 24, device=kernel_device)
+    with count_host_syncs() as syncs:
+        loop._train_step(run, x, 0, kernel_device)
+    assert run.sae.W_enc.grad.is_sparse and run.sae.W_dec.grad.is_sparse
+    assert dict(syncs.by_op) == ({"nonzero": 1} if auxk else {})
 
 
 def _metric_lines(run_dir) -> list[dict]:

@@ -96,6 +96,16 @@ def test_latent_rowsum_kernel_matches_reference_and_is_bitwise_repeatable(kernel
     latents = index.unique_latents[:n_unique]
     assert rows_c.shape == (n_unique, d) and bool((latents.diff() > 0).all())
     assert torch.equal(rows_c, out[latents]) and torch.equal(sums_c, sums[latents])
+    # Sized by a bound the host knows: the kernel zeroes the rows past the distinct count
+    # (the buffers start as NaN here), so the sum by latent is unchanged.
+    few = torch.tensor([2, 7, 7, 19, 2]).to(kernel_device)[torch.randint(0, 5, (n, k))]
+    few_index = build_latent_index(few)
+    rows_p, sums_p = latent_weighted_rowsum(few_index, coef, rows, k, f, with_sums=True, compact_rows=f)
+    assert rows_p.shape == (f, d) and int(few_index.n_unique) == 3
+    full, full_sums = latent_weighted_rowsum_ref(few, coef, rows, f)
+    assert torch.equal(rows_p[3:], torch.zeros_like(rows_p[3:])) and torch.equal(sums_p[3:], torch.zeros_like(sums_p[3:]))
+    torch.testing.assert_close(rows_p[:3].cpu(), full[[2, 7, 19]].cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums_p[:3].cpu(), full_sums[[2, 7, 19]].cpu(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dense_auxk", [True, False], ids=["auxk_dense", "auxk_sparse"])
@@ -133,7 +143,12 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, mo
     aux_rows = torch.nonzero(dead).squeeze(1) if dense_auxk else sparse_out.code.aux.indices.flatten()
     rows = torch.cat([sparse_out.code.indices.flatten(), aux_rows]).unique()
     for W in (sae.W_enc, sae.W_dec):
-        assert W.grad.is_sparse and torch.equal(W.grad.coalesce().indices()[0], rows)
+        assert W.grad.is_sparse
+        listed = W.grad.coalesce()
+        latents, values = listed.indices()[0], listed.values()
+        assert bool(torch.isin(rows, latents).all())
+        padding = ~torch.isin(latents, rows)  # the padding entries name latent 0, with zero rows
+        assert bool((latents[padding] == 0).all()) and not values[padding].any()
     for name in grads:
         assert torch.equal(grads[name], sparse_grads[name]), f"sparse {name} gradient differs"
 

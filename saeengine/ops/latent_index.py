@@ -61,23 +61,25 @@ def latent_weighted_rowsum_ref(
 
 
 def sparse_row_gradient(pieces: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int]) -> torch.Tensor:
-    """A sparse COO gradient of shape [F, d] from (latents [U_i] distinct, rows [U_i, d])
-    pieces, one per code: the weight gradient with no [F, d] buffer. With several codes a
-    latent may appear once per code (uncoalesced; ``coalesce()`` adds them)."""
+    """A sparse COO gradient of shape [F, d] from (latents [R_i], rows [R_i, d]) pieces, one
+    per code: the weight gradient with no [F, d] buffer. Uncoalesced: a latent may appear
+    once per code, and padding entries (zero rows, see :func:`compact_rowsum`) repeat a
+    latent; ``coalesce()`` or ``to_dense()`` adds them up."""
     latents = torch.cat([latents for latents, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
     rows = torch.cat([rows for _, rows in pieces]) if len(pieces) > 1 else pieces[0][1]
-    # The invariants hold by construction (distinct, in-range latents per piece): no check.
-    return torch.sparse_coo_tensor(latents.unsqueeze(0), rows, shape, is_coalesced=len(pieces) == 1,
-                                   check_invariants=False)
+    # The invariants hold by construction (in-range latents): no check.
+    return torch.sparse_coo_tensor(latents.unsqueeze(0), rows, shape, is_coalesced=False, check_invariants=False)
 
 
 def compact_rowsum(index: LatentIndex, coef: torch.Tensor, rows: torch.Tensor, n_latents: int,
                    out_dtype: torch.dtype, with_sums: bool = False):
-    """The segment sum over ``index``'s distinct latents only: (latents [U], out [U, d],
-    sums [U] or None), U = int(index.n_unique) (one host sync)."""
+    """The segment sum over ``index``'s distinct latents only: (latents [R], out [R, d],
+    sums [R] or None) with R = min(P, n_latents), a bound on the distinct count U that the
+    host knows, so nothing waits on the device. Entries past U are padding: latent 0 with
+    a zero row and a zero sum, which add nothing wherever the rows are summed by latent."""
     from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
 
-    n_unique = int(index.n_unique)
+    capacity = min(index.order.numel(), n_latents)
     out, sums = latent_weighted_rowsum(index, coef, rows, coef.shape[1], n_latents, out_dtype=out_dtype,
-                                       with_sums=with_sums, compact_rows=n_unique)
-    return index.unique_latents[:n_unique], out, sums
+                                       with_sums=with_sums, compact_rows=capacity)
+    return index.unique_latents[:capacity].clamp_min(0), out, sums

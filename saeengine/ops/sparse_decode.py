@@ -159,7 +159,7 @@ def sparse_decode_codes(codes: list, W_dec: torch.Tensor, b_dec: torch.Tensor | 
     first code's output only. On the Triton path the codes share one autograd node, so
     W_dec's gradient is summed in place, with no [F, d] buffer per code; with
     ``sparse_grad`` it is a sparse COO tensor of the decoded latents' rows (Triton path
-    only; one host sync per code in the backward).
+    only; uncoalesced, min(N*k_i, F) rows per code, no host sync).
     Returns one [N, d] tensor per code.
     """
     backend = resolve_backend(backend, "sparse_decode", W_dec.device)

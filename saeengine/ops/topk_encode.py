@@ -7,7 +7,8 @@ Layers: torch reference (here) | forward selection by the fused Triton kernel
 The AuxK code (top-min(k_aux, #dead) over the dead latents only) is a second pass of the
 same kernel over the dead rows of W_enc alone (a tenth of the work when 10% are dead); its
 gradient reaches the encoder like the main code's. Listing the dead latents costs one host
-sync per call with AuxK on (the pass is sized by their number).
+sync per call with AuxK on (the pass is sized by their number), or none when the caller
+gives them listed (``dead_latents``).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def _encode_sparse(x_centered, W_enc, W_compute, b_enc, selections, method, spar
 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
                 b_pre: torch.Tensor | None = None, dead_mask: torch.Tensor | None = None,
-                k_aux: int = 0, backend: str = "auto", sparse_grad: bool = False,
+                k_aux: int = 0, dead_latents: torch.Tensor | None = None, backend: str = "auto",
+                sparse_grad: bool = False,
                 weight_compute: torch.Tensor | None = None, check: bool = True) -> SparseCode:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row.
 
@@ -169,14 +171,17 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         k: latents kept per row, 1 <= k <= F.
         dead_mask: [F] bool, True for dead latents; with ``k_aux > 0`` and any latent
             dead, the result's ``aux`` holds the top-min(k_aux, #dead) over the dead
-            latents only (AuxK); one host sync counts them.
+            latents only (AuxK); one host sync lists them.
+        dead_latents: [S] int64 ascending dead latent ids, instead of ``dead_mask`` (no
+            host sync: the caller has listed them).
         backend: "auto", "torch", "triton" (fused kernel) or "cuda" (chunked cuBLAS GEMM
             + CUDA top-k select); both share the sparse Triton backward (see
             saeengine.backends).
         sparse_grad: on the triton and cuda paths, W_enc's gradient is a sparse COO tensor
             holding the rows of the chosen latents only, as ``nn.Embedding(sparse=True)``
-            gives (for :class:`saeengine.optim.RowSparseAdam`; one host sync per code in
-            the backward). The torch path ignores it.
+            gives (for :class:`saeengine.optim.RowSparseAdam`). Uncoalesced, and sized
+            min(N*k, F) rows per code (zero padding rows past the distinct latents), so no
+            host sync sizes it. The torch path ignores it.
         weight_compute: what the kernels read, on the triton and cuda paths: by default
             one copy of W_enc in x's dtype per call; W_enc's fp32 master weights themselves
             (``W_enc.detach()``) save that copy (2 bytes per weight under bf16 autocast),
@@ -192,18 +197,28 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         _checks.check_vector("b_enc", b_enc, W_enc.shape[0])
         _checks.check_vector("b_pre", b_pre, x.shape[1])
         _checks.check_vector("dead_mask", dead_mask, W_enc.shape[0])
+        if dead_latents is not None:
+            if dead_latents.dim() != 1:
+                raise ValueError(f"dead_latents must be a 1-D [S] tensor, got shape {tuple(dead_latents.shape)}")
+            _checks.check_indices(dead_latents, W_enc.shape[0])
         _checks.check_nonempty("x", x)
         _checks.check_float("x", x)
         _checks.check_k(k, W_enc.shape[0])
         if k_aux:
             _checks.check_k(k_aux, W_enc.shape[0], name="k_aux")
-        _checks.check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_pre=b_pre, dead_mask=dead_mask)
+        _checks.check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_pre=b_pre, dead_mask=dead_mask,
+                                  dead_latents=dead_latents)
         _checks.check_compute_dtype("x", x, W_enc=W_enc, b_enc=b_enc, b_pre=b_pre)
         _checks.check_finite("x", x)
     if dead_mask is not None and dead_mask.dtype != torch.bool:
         raise TypeError(f"dead_mask must be a bool tensor [F], got {dead_mask.dtype}")
+    if dead_latents is not None and dead_mask is not None:
+        raise ValueError("give the dead latents as dead_mask or as dead_latents, not both")
     backend = resolve_backend(backend, "topk_encode", x.device)
-    dead, k_dead = dead_latent_list(dead_mask, k_aux)
+    if dead_latents is not None:
+        dead, k_dead = (dead_latents, min(k_aux, dead_latents.numel())) if k_aux > 0 and dead_latents.numel() else (None, 0)
+    else:
+        dead, k_dead = dead_latent_list(dead_mask, k_aux)
     dtype = x.dtype
     b_enc = b_enc.to(dtype)
     b_pre = b_pre.to(dtype) if b_pre is not None else None

@@ -9,7 +9,8 @@ from the dense gradient autograd produced, or from a compact [R, d] block of row
 
 W_enc's and W_dec's gradients may be sparse COO tensors (``SAE.forward(sparse_grad=True)``
 on the GPU paths): then no [F, d] gradient exists anywhere, and the listed rows are
-gathered from the sparse gradient's rows.
+gathered from the sparse gradient's entries without coalescing it. With
+``step(rows, max_grad_norm)`` the clipping is fused too, so a step never waits on the host.
 
 How it differs from dense Adam: a row that did not fire keeps its moments as they were.
 Dense Adam would decay them, and would still move the row by m / sqrt(v) even at zero
@@ -26,24 +27,32 @@ LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
 
 
 def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows ``rows`` [R] of a latent-row gradient, dense [F, ...] or sparse COO:
-    [R, ...]. A row absent from a sparse gradient gets zeros (no host sync to check)."""
+    """The rows ``rows`` [R] (ascending, distinct) of a latent-row gradient, dense [F, ...]
+    or sparse COO, coalesced or not: [R, ...]. Sparse entries of one latent are added up,
+    entries of latents not in ``rows`` are dropped, and a row with no entry gets zeros. No
+    host sync: the sparse gradient is not coalesced first.
+
+    Repeatable: the sparse backward gives each latent at most two nonzero entries (one per
+    code; its padding entries are zero rows), and a + b, with zeros added anywhere, is one
+    value whatever order the adds run in.
+    """
     if not grad.is_sparse:
         return grad[rows]
-    grad = grad.coalesce()
-    latents, values = grad.indices()[0], grad.values()
-    if latents.numel() == 0:
-        return values.new_zeros((rows.numel(), *values.shape[1:]))
-    at = torch.searchsorted(latents, rows).clamp_max(latents.numel() - 1)
-    present = (latents[at] == rows).reshape(-1, *([1] * (values.dim() - 1)))
-    return torch.where(present, values[at], 0.0)
+    latents, values = grad._indices()[0], grad._values()
+    out = values.new_zeros((rows.numel(), *values.shape[1:]))
+    if latents.numel() == 0 or rows.numel() == 0:
+        return out
+    at = torch.searchsorted(rows, latents).clamp_max(rows.numel() - 1)
+    present = (rows[at] == latents).reshape(-1, *([1] * (values.dim() - 1)))
+    return out.index_add_(0, at, torch.where(present, values, 0))
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Scale the gradients so their joint L2 norm is at most ``max_norm``, like
     ``torch.nn.utils.clip_grad_norm_``, also for sparse COO gradients (coalesced in place
-    first, so duplicate rows are summed before the norm). Returns the norm before
-    clipping (0-d fp32; no host sync)."""
+    first, so duplicate rows are summed before the norm: a host sync on CUDA, which
+    ``RowSparseAdam.step(rows, max_grad_norm=...)`` avoids). Returns the norm before
+    clipping (0-d fp32)."""
     grads = []
     for p in parameters:
         if p.grad is None:
@@ -108,41 +117,59 @@ class RowSparseAdam:
             p[rows] = p[rows] - (lr * update).to(p.dtype)
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor) -> None:
-        """Update the latent rows ``rows`` [R] int64 (distinct) and the dense parameters."""
+    def step(self, rows: torch.Tensor, max_grad_norm: float = 0.0) -> torch.Tensor | None:
+        """Update the latent rows ``rows`` [R] int64 (ascending, distinct) and the dense
+        parameters.
+
+        ``max_grad_norm`` > 0 first scales the gradient so that its L2 norm is at most
+        that: the norm of what the step applies (the listed rows of the latent-row
+        parameters, the whole of the others), taken over the gathered rows. It equals
+        ``clip_grad_norm_``'s whenever the unlisted rows have no gradient (the trainer
+        lists every latent that fired), and a sparse gradient is never coalesced for it:
+        no host sync. Returns that norm before clipping (0-d fp32), or None.
+        """
         self.step_count += 1
-        named = dict(self.sae.named_parameters())
+        named = {name: p for name, p in self.sae.named_parameters() if p.grad is not None}
+        # The rows each latent-row parameter's update reads; the CUDA op reads a dense
+        # gradient in place unless it must be scaled first.
+        grads = {name: latent_grad_rows(p.grad, rows)
+                 if name in LATENT_ROW_PARAMS and (p.grad.is_sparse or max_grad_norm or self.backend != "cuda")
+                 else p.grad for name, p in named.items()}
+        norm = None
+        if max_grad_norm:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+            scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads.values():
+                g.mul_(scale.to(g.dtype))
         if self.backend == "cuda":
-            self._step_cuda(named, rows)
-            return
+            self._step_cuda(named, grads, rows)
+            return norm
         for name, p in named.items():
-            if p.grad is None:
-                continue
+            g = grads[name]
             if name in LATENT_ROW_PARAMS:
-                g_rows = latent_grad_rows(p.grad, rows)
                 if name == "W_dec":  # fused: drop the gradient parallel to each row (projected below)
                     w_rows = p[rows]
-                    g_rows = g_rows - (g_rows * w_rows).sum(1, keepdim=True) * w_rows
-                self._adam(p, g_rows, self.state[name], rows)
+                    g = g - (g * w_rows).sum(1, keepdim=True) * w_rows
+                self._adam(p, g, self.state[name], rows)
             else:
-                self._adam(p, p.grad, self.state[name], None)
-        W = named["W_dec"]
+                self._adam(p, g, self.state[name], None)
+        W = self.sae.W_dec
         W[rows] = W[rows] / W[rows].norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+        return norm
 
-    def _step_cuda(self, named: dict, rows: torch.Tensor) -> None:
+    def _step_cuda(self, named: dict, grads: dict, rows: torch.Tensor) -> None:
         beta1, beta2 = self.betas
         lr = self.param_groups[0]["lr"]
         for name, p in named.items():
-            if p.grad is None:
-                continue
             state = self.state[name]
-            if name in LATENT_ROW_PARAMS:  # a dense gradient is read in place, a sparse one gathered
-                dense = not p.grad.is_sparse
-                grad = p.grad if dense else latent_grad_rows(p.grad, rows).contiguous()
-                torch.ops.saeengine.row_sparse_adam_(p, grad, state["m"], state["v"], rows, lr, beta1, beta2,
-                                                     self.eps, self.step_count, dense, name == "W_dec")
+            if name in LATENT_ROW_PARAMS:  # [F, ...] read in place, or the [R, ...] gathered rows
+                grad = grads[name]
+                dense = grad is p.grad
+                torch.ops.saeengine.row_sparse_adam_(p, grad if dense else grad.contiguous(), state["m"], state["v"],
+                                                     rows, lr, beta1, beta2, self.eps, self.step_count, dense,
+                                                     name == "W_dec")
             else:
-                self._adam(p, p.grad, state, None)
+                self._adam(p, grads[name], state, None)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.param_groups[0]["lr"],

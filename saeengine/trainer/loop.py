@@ -18,7 +18,7 @@ from .data import batch_source, d_in_of, init_sample
 from .init import init_from_sample
 from .metrics import MetricsLog
 from ..checkpoint import CheckpointError
-from ..optim import RowSparseAdam, clip_grad_norm_, mark_fired_, resample_dead_latents_
+from ..optim import RowSparseAdam, fired_rows, mark_fired_, resample_dead_latents_
 
 
 @dataclass
@@ -87,16 +87,17 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
                 if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
     k = cfg.k_at(step) if cfg.k_anneal_from else None
     row_sparse = cfg.optimizer == "row_sparse_adam"
+    dead = run.dead  # [F] bool: AuxK's latents, and the ones resampling replaces
     with autocast:  # row-sparse Adam reads sparse weight gradients: no [d_sae, d_in] buffers
-        out = run.sae(x, dead_mask=run.dead if use_aux else None, backend=cfg.backend, check=False, k=k,
+        out = run.sae(x, dead_mask=dead if use_aux else None, backend=cfg.backend, check=False, k=k,
                       sparse_grad=row_sparse, weight_copies=cfg.weight_copies)
         loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
+    # Found before the backward is queued and read after it: the GPU never waits for the host.
+    fired = fired_rows(out.code, cfg.d_sae) if row_sparse else None
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if row_sparse:  # the projection and the gradient fix are fused in its step
-        if cfg.clip_grad_norm:
-            clip_grad_norm_(run.sae.parameters(), cfg.clip_grad_norm)
-        run.opt.step(_fired_rows(out.code))
+    if row_sparse:  # the clipping, the projection and the gradient fix are fused in its step
+        run.opt.step(fired.get(), max_grad_norm=cfg.clip_grad_norm)
     else:
         run.sae.remove_parallel_grad_()
         if cfg.clip_grad_norm:
@@ -108,7 +109,6 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
         with torch.no_grad():
             xn = run.sae.normalize(x.float())
             losses = (xn - run.sae.normalize(out.recon.float())).pow(2).sum(1)
-            dead = run.dead
             resample_dead_latents_(run.sae, run.opt, dead, xn, losses, seed=cfg.seed * 1_000_003 + step,
                                    backend=_optim_backend(cfg))
             run.last_fired.masked_fill_(dead, run.tokens_seen)  # a fresh start for the resampled rows
@@ -116,15 +116,6 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
     mark_fired_(run.last_fired, out.code.indices, out.code.values, run.tokens_seen, backend=_optim_backend(cfg))
     return {"fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(), "l0": out.l0.detach(),
             "sparsity": out.sparsity.detach(), "k": k or cfg.k}
-
-
-def _fired_rows(code) -> torch.Tensor:
-    """Distinct latents with a positive activation in the code or its AuxK code: the rows
-    that received gradient this step."""
-    parts = [code.indices[code.values > 0]]
-    if code.aux is not None:
-        parts.append(code.aux.indices[code.aux.values > 0])
-    return torch.unique(torch.cat(parts))
 
 
 def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
