@@ -19,20 +19,24 @@ import torch
 
 class LatentIndex(NamedTuple):
     order: torch.Tensor           # [P] int64: pair ids sorted by latent (stable)
-    unique_latents: torch.Tensor  # [P] int64: u-th distinct latent, -1 past the last one
+    unique_latents: torch.Tensor  # [B] int64: u-th distinct latent, -1 past the last one; B = P or a smaller bound
     segment_starts: torch.Tensor  # [P + 1] int64: segment u is order[starts[u]:starts[u+1]]
     n_unique: torch.Tensor        # [1] int64: the number of distinct latents
 
 
-def build_latent_index(indices: torch.Tensor) -> LatentIndex:
-    """indices [N, k] int64 -> :class:`LatentIndex` over its P = N*k pairs."""
+def build_latent_index(indices: torch.Tensor, max_distinct: int | None = None) -> LatentIndex:
+    """indices [N, k] int64 -> :class:`LatentIndex` over its P = N*k pairs.
+
+    ``max_distinct``: a bound on the number of distinct latents that the caller knows (F,
+    or the size of the subset an AuxK code was chosen from); ``unique_latents`` then has
+    min(P, max_distinct) entries, and so do the compact gradients sized from it."""
     flat = indices.reshape(-1)
     n_pairs = flat.numel()
     sorted_latents, order = torch.sort(flat, stable=True)
     is_start = torch.ones_like(sorted_latents, dtype=torch.bool)
     is_start[1:] = sorted_latents[1:] != sorted_latents[:-1]
     segment_id = torch.cumsum(is_start, 0) - 1
-    unique_latents = torch.full_like(flat, -1)
+    unique_latents = flat.new_full((min(n_pairs, max_distinct if max_distinct is not None else n_pairs),), -1)
     unique_latents.scatter_(0, segment_id, sorted_latents)  # equal values per segment: order-free
     segment_starts = torch.full((n_pairs + 1,), n_pairs, dtype=torch.int64, device=flat.device)
     positions = torch.arange(n_pairs, device=flat.device)
@@ -74,12 +78,13 @@ def sparse_row_gradient(pieces: list[tuple[torch.Tensor, torch.Tensor]], shape: 
 def compact_rowsum(index: LatentIndex, coef: torch.Tensor, rows: torch.Tensor, n_latents: int,
                    out_dtype: torch.dtype, with_sums: bool = False):
     """The segment sum over ``index``'s distinct latents only: (latents [R], out [R, d],
-    sums [R] or None) with R = min(P, n_latents), a bound on the distinct count U that the
-    host knows, so nothing waits on the device. Entries past U are padding: latent 0 with
-    a zero row and a zero sum, which add nothing wherever the rows are summed by latent."""
+    sums [R] or None) with R = min(len(index.unique_latents), n_latents), a bound on the
+    distinct count U that the host knows, so nothing waits on the device. Entries past U
+    are padding: latent 0 with a zero row and a zero sum, which add nothing wherever the
+    rows are summed by latent."""
     from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
 
-    capacity = min(index.order.numel(), n_latents)
+    capacity = min(index.unique_latents.numel(), n_latents)
     out, sums = latent_weighted_rowsum(index, coef, rows, coef.shape[1], n_latents, out_dtype=out_dtype,
                                        with_sums=with_sums, compact_rows=capacity)
     return index.unique_latents[:capacity].clamp_min(0), out, sums

@@ -91,7 +91,7 @@ class SparseDecodeTriton(torch.autograd.Function):
                 if ctx.has_index[i]:
                     index, index_tensors = LatentIndex(*index_tensors[:4]), index_tensors[4:]
                 else:
-                    index = build_latent_index(indices)
+                    index = build_latent_index(indices, W_compute.shape[0])
                 if ctx.sparse_grad:
                     latents, rows, _ = compact_rowsum(index, values, grad_out, W_compute.shape[0], ctx.weight_dtype)
                     pieces.append((latents, rows))

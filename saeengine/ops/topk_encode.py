@@ -93,7 +93,10 @@ class TopKEncodeFunction(torch.autograd.Function):
         outputs = []
         for k, latent_subset in selections:
             values, indices = _select(x_centered, W_compute, b_enc, k, latent_subset, method)
-            outputs += [values, indices, *build_latent_index(indices)]
+            # A subset code's distinct latents are at most the subset's: its compact
+            # gradients are sized by that, not by its N*k pairs.
+            bound = W_compute.shape[0] if latent_subset is None else latent_subset.numel()
+            outputs += [values, indices, *build_latent_index(indices, bound)]
         ctx.save_for_backward(x_centered, W_compute, *outputs)
         ctx.weight_dtype, ctx.bias_dtype = W_enc.dtype, b_enc.dtype
         ctx.sparse_grad = sparse_grad
