@@ -122,10 +122,12 @@ def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, sparse_grad: b
     """Forward (bf16 autocast, AuxK) + backward + row-sparse Adam on the rows that fired;
     the weight gradients are sparse rows unless ``sparse_grad`` is False, and the kernels
     read bf16 copies of the weights unless ``weight_copies`` is False."""
+    dead_list = torch.nonzero(dead).squeeze(1)  # the trainer lists them during the step before
+
     def run():
         sae.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = sae(x, dead_mask=dead, check=False, sparse_grad=sparse_grad, weight_copies=weight_copies)
+            out = sae(x, dead_latents=dead_list, check=False, sparse_grad=sparse_grad, weight_copies=weight_copies)
         fired = fired_rows(out.code, sae.cfg.d_sae)  # as the trainer: found before the backward, read after
         out.loss.backward()
         opt.step(fired.get())

@@ -4,7 +4,7 @@
     python benchmarks/bench_trainer.py --d-in 64 --d-sae 1024 --k 8 --batch 1024 --steps 40   # CPU smoke
 
 The bare step is the math of one training step on a batch already on the device:
-forward with AuxK's dead mask, backward, parallel-gradient removal, clipping, Adam and
+forward with AuxK's dead latents (listed ahead), backward, parallel-gradient removal, clipping, Adam and
 the decoder projection. The trainer adds the rest: the activation-store loader (pinned
 buffers, a background thread), the learning-rate schedule, dead-latent counters and
 metric logging. Its tokens/s is the median of the intervals between metric lines in
@@ -32,13 +32,14 @@ def bare_step_ms(cfg: saeengine.TrainConfig, d_in: int, device: torch.device) ->
     sae = saeengine.SAE(saeengine.SAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k), device=device, seed=0)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate)
     x = torch.randn(cfg.batch_size, d_in, device=device).to(torch.float16)
-    dead = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)  # as the trainer's first steps
+    # None dead, as in the trainer's first steps, and listed ahead, as the trainer does.
+    dead = torch.zeros(0, dtype=torch.int64, device=device)
     autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.autocast))
                 if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
 
     def step():
         with autocast:
-            out = sae(x, dead_mask=dead, backend=cfg.backend, check=False)
+            out = sae(x, dead_latents=dead, backend=cfg.backend, check=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         sae.remove_parallel_grad_()

@@ -145,16 +145,15 @@ class SAE(nn.Module):
         """The named parameters in the compute dtype (a no-op without autocast)."""
         return tuple(getattr(self, name).to(dtype) for name in names)
 
-    def _encode_normalized(self, xn: torch.Tensor, dead_mask: torch.Tensor | None, backend: str,
+    def _encode_normalized(self, xn: torch.Tensor, dead_latents: torch.Tensor | None, backend: str,
                            k: int | None = None, sparse_grad: bool = False,
-                           weight_copies: bool = True, dead_latents: torch.Tensor | None = None) -> SparseCode:
-        """``dead_latents`` [S] (topk only): the dead latents already listed, instead of the mask."""
+                           weight_copies: bool = True) -> SparseCode:
+        """``dead_latents`` [S] ascending: AuxK's latents (topk, batchtopk), or None for no AuxK code."""
         cfg = self.cfg
         k = k or cfg.k
         if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
-            aux = dead_mask is not None or dead_latents is not None
-            return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_mask=dead_mask,
-                                   dead_latents=dead_latents, k_aux=cfg.effective_k_aux if aux else 0,
+            return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_latents=dead_latents,
+                                   k_aux=cfg.effective_k_aux if dead_latents is not None else 0,
                                    backend=backend, sparse_grad=sparse_grad, check=False,
                                    weight_compute=None if weight_copies else self.W_enc.detach())
         W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
@@ -171,10 +170,9 @@ class SAE(nn.Module):
             return code
         act = torch.relu(pre)
         code = self._batchtopk(act, k)
-        dead, k_dead = ops.dead_latent_list(dead_mask, cfg.effective_k_aux)
-        if dead is not None:
-            values, positions = act[:, dead].topk(k_dead, dim=1)
-            code.aux = SparseCode(values, dead[positions])
+        if dead_latents is not None and dead_latents.numel() and cfg.effective_k_aux:
+            values, positions = act[:, dead_latents].topk(min(cfg.effective_k_aux, dead_latents.numel()), dim=1)
+            code.aux = SparseCode(values, dead_latents[positions])
         return code
 
     def _batchtopk(self, act: torch.Tensor, k: int) -> SparseCode:
@@ -193,19 +191,37 @@ class SAE(nn.Module):
                 self.threshold.copy_(torch.where(torch.isfinite(low), updated, old))
         return _padded_code(kept)
 
-    def _listed_dead(self, dead_mask: torch.Tensor | None, backend: str,
-                     device: torch.device) -> tuple[bool, torch.Tensor | None, int, bool]:
-        """(listed, dead latents [S] ascending or None when none is dead, AuxK width, dense)
-        for a TopK SAE with AuxK on a GPU backend: listing them is the one host sync AuxK
-        needs, done once here. ``dense`` says whether the AuxK code goes through dense
-        GEMMs over them (few enough dead: see saeengine.ops.dense_auxk) or through the
-        sparse kernels. Elsewhere ``listed`` is False and the mask goes to the encoder."""
-        if dead_mask is None or self.cfg.architecture != "topk" or not self.cfg.effective_k_aux:
-            return False, None, 0, False
+    def _dense_auxk(self, dead_latents: torch.Tensor | None, backend: str, device: torch.device) -> bool:
+        """Whether this step's AuxK code goes through dense GEMMs over the dead latents (a
+        TopK SAE on a GPU backend with few enough dead: see saeengine.ops.dense_auxk)
+        rather than through the encoder's sparse kernels."""
+        if dead_latents is None or self.cfg.architecture != "topk" or not self.cfg.effective_k_aux:
+            return False
         if resolve_backend(backend, "topk_encode", device) == "torch":
-            return False, None, 0, False
-        dead, k_dead = ops.dead_latent_list(dead_mask, self.cfg.effective_k_aux)
-        return True, dead, k_dead, dead is not None and ops.use_dense_auxk(dead.numel(), k_dead)
+            return False
+        return ops.use_dense_auxk(dead_latents.numel(), min(self.cfg.effective_k_aux, dead_latents.numel()))
+
+    def _dead_list(self, x: torch.Tensor, dead_mask: torch.Tensor | None, dead_latents: torch.Tensor | None,
+                   check: bool) -> torch.Tensor | None:
+        """AuxK's dead latents [S] ascending (None when AuxK is off), from either form;
+        ``check`` also range-checks a given list (a host sync)."""
+        if dead_mask is None and dead_latents is None:
+            return None
+        if self.cfg.architecture not in ("topk", "batchtopk"):
+            raise ValueError(f"dead_mask/AuxK applies to topk and batchtopk SAEs, not {self.cfg.architecture!r}")
+        if dead_mask is not None and dead_latents is not None:
+            raise ValueError("give the dead latents as dead_mask or as dead_latents, not both")
+        if dead_latents is not None:
+            if dead_latents.dim() != 1 or dead_latents.dtype != torch.int64 or dead_latents.device != x.device:
+                raise ValueError(f"dead_latents must be a 1-D int64 tensor [S] on {x.device}; got "
+                                 f"{dead_latents.dtype} {tuple(dead_latents.shape)} on {dead_latents.device}")
+            if check:
+                _checks.check_indices(dead_latents, self.cfg.d_sae)
+            return dead_latents
+        _checks.check_vector("dead_mask", dead_mask, self.cfg.d_sae)
+        if dead_mask.dtype != torch.bool or dead_mask.device != x.device:
+            raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
+        return torch.nonzero(dead_mask).squeeze(1)  # the one host sync of AuxK: the list's length
 
     def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> SparseCode:
         """x [N, d_in] raw activations -> SparseCode (values, indices [N, k]).
@@ -224,8 +240,11 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
                 backend: str = "auto", check: bool = True, k: int | None = None,
-                sparse_grad: bool = False, weight_copies: bool = True) -> ForwardOutput:
-        """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk);
+                sparse_grad: bool = False, weight_copies: bool = True,
+                dead_latents: torch.Tensor | None = None) -> ForwardOutput:
+        """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk;
+        listing them is one host sync), or ``dead_latents`` [S] int64 ascending lists them
+        (no sync: the trainer lists them ahead, see saeengine.optim.dead_latents_later);
         ``k`` overrides cfg.k for this call (k annealing in the trainer); ``sparse_grad``
         makes W_enc's and W_dec's gradients sparse COO tensors of the chosen latents' rows
         on the GPU paths (for RowSparseAdam; no [d_sae, d_in] gradient buffers);
@@ -236,20 +255,13 @@ class SAE(nn.Module):
         if k is not None and (self.cfg.architecture not in ("topk", "batchtopk") or not 1 <= k <= self.cfg.d_sae):
             raise ValueError(f"k={k} applies to topk and batchtopk SAEs and must lie in [1, d_sae={self.cfg.d_sae}]"
                              f" (this SAE is {self.cfg.architecture!r})")
-        if dead_mask is not None:
-            if self.cfg.architecture not in ("topk", "batchtopk"):
-                raise ValueError(f"dead_mask/AuxK applies to topk and batchtopk SAEs, not {self.cfg.architecture!r}")
-            _checks.check_vector("dead_mask", dead_mask, self.cfg.d_sae)
-            if dead_mask.dtype != torch.bool or dead_mask.device != x.device:
-                raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
+        dead = self._dead_list(x, dead_mask, dead_latents, check)
+        if dead is not None and not (dead.numel() and self.cfg.effective_k_aux):
+            dead = None  # nothing dead (or k_aux = 0): no AuxK code
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        listed, dead, k_dead, dense_aux = self._listed_dead(dead_mask, backend, x.device)
-        if listed:  # the encoder takes the list (sparse AuxK) or nothing (dense AuxK, none dead)
-            code = self._encode_normalized(xn, None, backend, k, sparse_grad, weight_copies,
-                                           dead_latents=None if dense_aux else dead)
-        else:
-            code = self._encode_normalized(xn, dead_mask, backend, k, sparse_grad, weight_copies)
+        dense_aux = self._dense_auxk(dead, backend, x.device)
+        code = self._encode_normalized(xn, None if dense_aux else dead, backend, k, sparse_grad, weight_copies)
         codes = [(code.values, code.indices, code.latent_index)]
         if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
             codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
@@ -258,7 +270,7 @@ class SAE(nn.Module):
                                                   weight_compute=None if weight_copies else self.W_dec.detach())
         if dense_aux:
             code.aux, e_hat = ops.auxk_dense(xn - self.b_dec.to(xn.dtype), self.W_enc, self.b_enc, self.W_dec,
-                                             dead, k_dead)
+                                             dead, min(self.cfg.effective_k_aux, dead.numel()))
             aux_out = [e_hat]
         xn32 = xn.float()
         err = xn32 - x_hat.float()

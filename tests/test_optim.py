@@ -6,7 +6,8 @@ import torch
 
 from saeengine import SAE, SAEConfig
 from saeengine.ops import SparseCode
-from saeengine.optim import RowSparseAdam, clip_grad_norm_, fired_rows, latent_grad_rows, resample_dead_latents_
+from saeengine.optim import (RowSparseAdam, clip_grad_norm_, dead_latents_later, fired_rows, latent_grad_rows,
+                             resample_dead_latents_)
 from saeengine.syncs import count_host_syncs
 
 
@@ -274,7 +275,7 @@ def test_row_sparse_adam_fused_clipping_matches_clip_then_step(sparse):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned asynchronous count); the CPU case runs the same math"))])
-def test_fired_rows_lists_positive_latents_of_both_codes_without_a_sync(device):
+def test_fired_rows_and_dead_latents_are_listed_without_a_sync(device):
     gen = torch.Generator().manual_seed(2)
     f = 50
     code = SparseCode(torch.rand(6, 4, generator=gen) - 0.3, torch.randint(0, f, (6, 4), generator=gen))
@@ -282,9 +283,14 @@ def test_fired_rows_lists_positive_latents_of_both_codes_without_a_sync(device):
     code = SparseCode(code.values.to(device), code.indices.to(device), aux=SparseCode(
         code.aux.values.to(device), code.aux.indices.to(device)))
     expected = torch.cat([code.indices[code.values > 0], code.aux.indices[code.aux.values > 0]]).unique()
+    dead = torch.rand(f, generator=gen).to(device) < 0.3
     with count_host_syncs() as syncs:
         found = fired_rows(code, f)
+        dead_later = dead_latents_later(dead)
     assert syncs.total == 0, dict(syncs.by_op)
+    assert torch.equal(dead_later.get(), torch.nonzero(dead).squeeze(1))
+    for mask in (torch.zeros_like(dead), torch.ones_like(dead)):
+        assert torch.equal(dead_latents_later(mask).get(), torch.nonzero(mask).squeeze(1))
     rows = found.get()
     assert torch.equal(rows, expected) and 0 < rows.numel() < f
     assert torch.equal(fired_rows(code, f).get(), rows)

@@ -173,10 +173,13 @@ def test_row_sparse_training_on_gpu_steps_on_sparse_gradients(tmp_path, planted,
 
 
 @pytest.mark.parametrize("auxk", [True, False], ids=["auxk", "no_auxk"])
-def test_row_sparse_step_syncs_only_to_list_the_dead(tmp_path, kernel_device, auxk):
+def test_row_sparse_step_has_no_host_sync(tmp_path, kernel_device, monkeypatch, auxk):
     """A training step on the sparse kernels (sparse weight gradients, row-sparse Adam,
-    clipping on) waits on the host once at most: listing the dead latents for AuxK. The
-    fired rows, the gradients' row counts and the clipping norm stay on the device."""
+    clipping on) has no syncing op: the fired rows, the gradients' row counts and the
+    clipping norm stay on the device, and the dead latents come listed from the step
+    before. (Only the first step after a start lists them for itself, and waits for that
+    on a GPU.)"""
+    from saeengine.optim import dead_latents_later
     from saeengine.syncs import count_host_syncs
     from saeengine.trainer import loop
 
@@ -186,10 +189,17 @@ def test_row_sparse_step_syncs_only_to_list_the_dead(tmp_path, kernel_device, au
     run.tokens_seen = cfg.dead_after_tokens
     run.last_fired[12:] = cfg.dead_after_tokens  # latents 0..11 dead
     x = torch.randn(16, 24, device=kernel_device)
+    listings = []
+    monkeypatch.setattr(loop, "dead_latents_later", lambda mask: listings.append(mask.clone()) or
+                        dead_latents_later(mask))
     with count_host_syncs() as syncs:
         loop._train_step(run, x, 0, kernel_device)
+        loop._train_step(run, x, 1, kernel_device)
     assert run.sae.W_enc.grad.is_sparse and run.sae.W_dec.grad.is_sparse
-    assert dict(syncs.by_op) == ({"nonzero": 1} if auxk else {})
+    assert syncs.total == 0, dict(syncs.by_op)
+    # Step 0 lists its own dead and the next step's, step 1 the next step's only.
+    assert len(listings) == (3 if auxk else 0)
+    assert run.sae(x, dead_mask=run.dead, check=False).code.aux is not None or not auxk  # the dead stay dead
 
 
 def _metric_lines(run_dir) -> list[dict]:

@@ -1,8 +1,8 @@
 """Optimizers and dead-latent maintenance for SAE training."""
 
-from .fired import FiredRows, fired_rows, mark_fired_
+from .fired import DeferredLatents, dead_latents_later, fired_rows, mark_fired_
 from .resample import resample_dead_latents_, resample_uniform
 from .row_sparse_adam import RowSparseAdam, clip_grad_norm_, latent_grad_rows
 
-__all__ = ["FiredRows", "RowSparseAdam", "clip_grad_norm_", "fired_rows", "latent_grad_rows", "mark_fired_", "resample_dead_latents_",
-           "resample_uniform"]
+__all__ = ["DeferredLatents", "RowSparseAdam", "clip_grad_norm_", "dead_latents_later", "fired_rows",
+           "latent_grad_rows", "mark_fired_", "resample_dead_latents_", "resample_uniform"]

@@ -34,11 +34,11 @@ def mark_fired_(last_fired: torch.Tensor, indices: torch.Tensor, values: torch.T
     last_fired.scatter_reduce_(0, indices.reshape(-1), stamp, reduce="amax")
 
 
-class FiredRows:
-    """The distinct latents with a positive value in a step's codes (the rows that get
-    gradient), found with no host sync: :func:`fired_rows` sorts the step's pairs into a
-    buffer of one slot per pair, and copies the distinct count to the host without waiting.
-    ``get()`` (after the backward is queued, so the GPU is busy meanwhile) returns them."""
+class DeferredLatents:
+    """A list of latents found on the device in a buffer of a size the host knows, with
+    its length copied to the host without waiting (:class:`saeengine._host_read.HostRead`).
+    Make it before queueing more work and call ``get()`` after: the GPU keeps that work
+    while the host waits for the length alone."""
 
     def __init__(self, buffer: torch.Tensor, count: HostRead):
         self._buffer, self._count = buffer, count
@@ -48,20 +48,32 @@ class FiredRows:
         return self._buffer[: self._count.tolist()]
 
 
+def _flagged_first(values: torch.Tensor, flags: torch.Tensor) -> DeferredLatents:
+    """values [M] with flags [M] bool -> the flagged values in their order, deferred. A
+    stable partition by a permutation (flagged to the front, the rest to the back in
+    reverse): no two writes meet, so the result is the same on every run."""
+    n_flagged = torch.cumsum(flags, 0)
+    position = torch.arange(values.numel(), device=values.device)
+    slot = torch.where(flags, n_flagged - 1, values.numel() - 1 - (position - n_flagged))
+    return DeferredLatents(torch.empty_like(values).scatter_(0, slot, values), HostRead(n_flagged[-1]))
+
+
 @torch.no_grad()
-def fired_rows(code, n_latents: int) -> FiredRows:
+def fired_rows(code, n_latents: int) -> DeferredLatents:
     """code: a SparseCode (values, indices [N, k]) with its AuxK code in ``code.aux`` or
-    None -> :class:`FiredRows` of the latents with a positive value in either."""
+    None -> the latents with a positive value in either (the rows that get gradient),
+    deferred: found before the backward is queued, read after it."""
     codes = [code] + ([code.aux] if code.aux is not None else [])
     keys = torch.cat([torch.where(c.values > 0, c.indices, n_latents).reshape(-1) for c in codes])
     ordered = torch.sort(keys).values  # not fired -> n_latents, sorted to the end
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
-    first &= ordered < n_latents
-    # A permutation: the u-th distinct latent to slot u, the other entries to the end,
-    # backwards (no two writes to one slot, so the result is the same on every run).
-    n_first = torch.cumsum(first, 0)
-    position = torch.arange(ordered.numel(), device=keys.device)
-    slot = torch.where(first, n_first - 1, ordered.numel() - 1 - (position - n_first))
-    buffer = torch.empty_like(ordered).scatter_(0, slot, ordered)
-    return FiredRows(buffer, HostRead(first.sum()))
+    return _flagged_first(ordered, first & (ordered < n_latents))
+
+
+@torch.no_grad()
+def dead_latents_later(dead_mask: torch.Tensor) -> DeferredLatents:
+    """dead_mask [F] bool -> its True positions (ascending), deferred: the trainer lists the
+    next step's dead latents before this step's backward is queued, and reads them when
+    the next step starts, so AuxK never makes the GPU wait on the host."""
+    return _flagged_first(torch.arange(dead_mask.numel(), device=dead_mask.device), dead_mask)

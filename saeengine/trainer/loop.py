@@ -18,7 +18,7 @@ from .data import batch_source, d_in_of, init_sample
 from .init import init_from_sample
 from .metrics import MetricsLog
 from ..checkpoint import CheckpointError
-from ..optim import RowSparseAdam, fired_rows, mark_fired_, resample_dead_latents_
+from ..optim import DeferredLatents, RowSparseAdam, dead_latents_later, fired_rows, mark_fired_, resample_dead_latents_
 
 
 @dataclass
@@ -32,6 +32,7 @@ class _Run:
     directory: Path
     tokens_seen: int = 0
     log: MetricsLog | None = None
+    next_dead: DeferredLatents | None = None  # the next step's dead latents, listed ahead
 
     @property
     def dead(self) -> torch.Tensor:
@@ -87,13 +88,21 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
                 if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
     k = cfg.k_at(step) if cfg.k_anneal_from else None
     row_sparse = cfg.optimizer == "row_sparse_adam"
-    dead = run.dead  # [F] bool: AuxK's latents, and the ones resampling replaces
+    dead, seen = run.dead, run.tokens_seen  # [F] bool: AuxK's latents, and the ones resampling replaces
+    dead_list = None
+    if use_aux:  # listed during the last step; listed now (one host sync) on the first step after a start
+        dead_list = (run.next_dead or dead_latents_later(dead)).get()
     with autocast:  # row-sparse Adam reads sparse weight gradients: no [d_sae, d_in] buffers
-        out = run.sae(x, dead_mask=dead if use_aux else None, backend=cfg.backend, check=False, k=k,
+        out = run.sae(x, dead_latents=dead_list, backend=cfg.backend, check=False, k=k,
                       sparse_grad=row_sparse, weight_copies=cfg.weight_copies)
         loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(step) * out.sparsity
-    # Found before the backward is queued and read after it: the GPU never waits for the host.
+    # Device-side bookkeeping queued before the backward, read after it: the fired rows
+    # (for row-sparse Adam) and the next step's dead latents. The host then never waits
+    # for a drained GPU.
     fired = fired_rows(out.code, cfg.d_sae) if row_sparse else None
+    run.tokens_seen += x.shape[0]
+    mark_fired_(run.last_fired, out.code.indices, out.code.values, run.tokens_seen, backend=_optim_backend(cfg))
+    run.next_dead = dead_latents_later(run.dead) if use_aux else None
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if row_sparse:  # the clipping, the projection and the gradient fix are fused in its step
@@ -111,9 +120,10 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
             losses = (xn - run.sae.normalize(out.recon.float())).pow(2).sum(1)
             resample_dead_latents_(run.sae, run.opt, dead, xn, losses, seed=cfg.seed * 1_000_003 + step,
                                    backend=_optim_backend(cfg))
-            run.last_fired.masked_fill_(dead, run.tokens_seen)  # a fresh start for the resampled rows
-    run.tokens_seen += x.shape[0]
-    mark_fired_(run.last_fired, out.code.indices, out.code.values, run.tokens_seen, backend=_optim_backend(cfg))
+            # A fresh start for the resampled rows: as if they had fired when this step
+            # began (the ones that did fire this step keep the later stamp).
+            run.last_fired.copy_(torch.where(dead, run.last_fired.clamp_min(seen), run.last_fired))
+            run.next_dead = None  # listed anew next step
     return {"fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(), "l0": out.l0.detach(),
             "sparsity": out.sparsity.detach(), "k": k or cfg.k}
 
