@@ -34,7 +34,7 @@ for s in "${stages[@]}"; do
       ;;
     gputests)
       stage gputests
-      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py tests/test_optim.py tests/test_gemm_topk.py tests/test_trainer.py -k "gpu or cuda or master or sae_forward or gemm" -rs > "$OUT/pytest_gpu.log" 2>&1
+      timeout ${GPUTESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_ops.py tests/test_optim.py tests/test_gemm_topk.py tests/test_trainer.py -k "gpu or cuda or master or sae_forward or gemm or sync" -rs > "$OUT/pytest_gpu.log" 2>&1
       echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
       ;;
     tune)
