@@ -170,7 +170,7 @@ class SAE(nn.Module):
             return code
         act = torch.relu(pre)
         code = self._batchtopk(act, k)
-        if dead_latents is not None and dead_latents.numel() and cfg.effective_k_aux:
+        if dead_latents is not None:  # non-empty, with k_aux >= 1 (SAE.forward sees to it)
             values, positions = act[:, dead_latents].topk(min(cfg.effective_k_aux, dead_latents.numel()), dim=1)
             code.aux = SparseCode(values, dead_latents[positions])
         return code
@@ -191,15 +191,15 @@ class SAE(nn.Module):
                 self.threshold.copy_(torch.where(torch.isfinite(low), updated, old))
         return _padded_code(kept)
 
-    def _dense_auxk(self, dead_latents: torch.Tensor | None, backend: str, device: torch.device) -> bool:
-        """Whether this step's AuxK code goes through dense GEMMs over the dead latents (a
-        TopK SAE on a GPU backend with few enough dead: see saeengine.ops.dense_auxk)
-        rather than through the encoder's sparse kernels."""
-        if dead_latents is None or self.cfg.architecture != "topk" or not self.cfg.effective_k_aux:
+    def _dense_auxk(self, dead_latents: torch.Tensor | None, k_dead: int, backend: str, device: torch.device) -> bool:
+        """Whether this step's AuxK code (width k_dead) goes through dense GEMMs over the dead
+        latents (a TopK SAE on a GPU backend with few enough dead: see
+        saeengine.ops.dense_auxk) rather than through the encoder's sparse kernels."""
+        if dead_latents is None or self.cfg.architecture != "topk":
             return False
         if resolve_backend(backend, "topk_encode", device) == "torch":
             return False
-        return ops.use_dense_auxk(dead_latents.numel(), min(self.cfg.effective_k_aux, dead_latents.numel()))
+        return ops.use_dense_auxk(dead_latents.numel(), k_dead)
 
     def _dead_list(self, x: torch.Tensor, dead_mask: torch.Tensor | None, dead_latents: torch.Tensor | None,
                    check: bool) -> torch.Tensor | None:
@@ -260,7 +260,8 @@ class SAE(nn.Module):
             dead = None  # nothing dead (or k_aux = 0): no AuxK code
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        dense_aux = self._dense_auxk(dead, backend, x.device)
+        k_dead = min(self.cfg.effective_k_aux, dead.numel()) if dead is not None else 0
+        dense_aux = self._dense_auxk(dead, k_dead, backend, x.device)
         code = self._encode_normalized(xn, None if dense_aux else dead, backend, k, sparse_grad, weight_copies)
         codes = [(code.values, code.indices, code.latent_index)]
         if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
@@ -270,7 +271,7 @@ class SAE(nn.Module):
                                                   weight_compute=None if weight_copies else self.W_dec.detach())
         if dense_aux:
             code.aux, e_hat = ops.auxk_dense(xn - self.b_dec.to(xn.dtype), self.W_enc, self.b_enc, self.W_dec,
-                                             dead, min(self.cfg.effective_k_aux, dead.numel()))
+                                             dead, k_dead)
             aux_out = [e_hat]
         xn32 = xn.float()
         err = xn32 - x_hat.float()

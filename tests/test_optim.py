@@ -244,6 +244,8 @@ def test_latent_grad_rows_gathers_from_dense_and_sparse():
     expected = torch.stack([b, torch.zeros(3), torch.zeros(3), a + c])
     assert torch.equal(latent_grad_rows(messy, rows), expected)
     assert torch.equal(latent_grad_rows(messy, rows), latent_grad_rows(messy.coalesce(), rows))
+    shuffled = torch.tensor([9, 2, 1, 7])  # rows in any order: the gathered rows follow it
+    assert torch.equal(latent_grad_rows(messy, shuffled), expected[[3, 1, 0, 2]])
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense_grads", "sparse_grads"])

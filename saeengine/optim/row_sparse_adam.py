@@ -27,7 +27,7 @@ LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
 
 
 def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows ``rows`` [R] (ascending, distinct) of a latent-row gradient, dense [F, ...]
+    """The rows ``rows`` [R] (distinct, in any order) of a latent-row gradient, dense [F, ...]
     or sparse COO, coalesced or not: [R, ...]. Sparse entries of one latent are added up,
     entries of latents not in ``rows`` are dropped, and a row with no entry gets zeros. No
     host sync: the sparse gradient is not coalesced first.
@@ -42,9 +42,10 @@ def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     out = values.new_zeros((rows.numel(), *values.shape[1:]))
     if latents.numel() == 0 or rows.numel() == 0:
         return out
-    at = torch.searchsorted(rows, latents).clamp_max(rows.numel() - 1)
-    present = (rows[at] == latents).reshape(-1, *([1] * (values.dim() - 1)))
-    return out.index_add_(0, at, torch.where(present, values, 0))
+    ascending, position = torch.sort(rows)
+    at = torch.searchsorted(ascending, latents).clamp_max(rows.numel() - 1)
+    present = (ascending[at] == latents).reshape(-1, *([1] * (values.dim() - 1)))
+    return out.index_add_(0, position[at], torch.where(present, values, 0))
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
@@ -118,7 +119,7 @@ class RowSparseAdam:
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, max_grad_norm: float = 0.0) -> torch.Tensor | None:
-        """Update the latent rows ``rows`` [R] int64 (ascending, distinct) and the dense
+        """Update the latent rows ``rows`` [R] int64 (distinct) and the dense
         parameters.
 
         ``max_grad_norm`` > 0 first scales the gradient so that its L2 norm is at most
