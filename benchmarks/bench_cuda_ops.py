@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import saeengine
-from run_benchmarks import bench_ms, copy_bandwidth_gbps, guarded, measure_into, sparsify_coder, stamp
+from run_benchmarks import bench_ms, copy_bandwidth_gbps, guarded, host_syncs, measure_into, sparsify_coder, stamp
 from saeengine import SAE, SAEConfig, ops
 from saeengine.optim import RowSparseAdam, fired_rows, resample_dead_latents_
 
@@ -161,7 +161,10 @@ def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Ten
     except torch.OutOfMemoryError:
         row["step_ms"] = "OOM"
         return
-    measure_into(row, "step_ms", full_step(sae, opt, x, dead, sparse_grad, weight_copies), x.device, "peak_gb", sae)
+    step = full_step(sae, opt, x, dead, sparse_grad, weight_copies)
+    measure_into(row, "step_ms", step, x.device, "peak_gb", sae)
+    if isinstance(row["step_ms"], float):
+        row["host_syncs"] = host_syncs(step)
 
 
 def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict]:
@@ -186,6 +189,7 @@ def step_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list[dict
             (out.fvu + out.auxk_loss / 32).backward()
             adam.step()
         measure_into(row, "sparsify_step_ms", sparsify_step, device, "sparsify_peak_gb", coder)
+        row["sparsify_host_syncs"] = host_syncs(sparsify_step)
         if isinstance(row.get("step_ms"), float) and isinstance(row.get("sparsify_step_ms"), float):
             row["speedup_vs_sparsify"] = row["sparsify_step_ms"] / row["step_ms"]
     return [row]

@@ -130,6 +130,19 @@ def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str 
             torch.cuda.empty_cache()
 
 
+def host_syncs(fn) -> int | str:
+    """How many ops in one call of fn make the GPU wait on the host (saeengine.syncs), or
+    "error: ..." when the call fails."""
+    from saeengine.syncs import count_host_syncs
+
+    try:
+        with count_host_syncs() as syncs:
+            fn()
+    except Exception as exc:  # noqa: BLE001 - recorded in the results instead
+        return f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    return syncs.total
+
+
 def gpu_encoder_backends(device: torch.device) -> list[str]:
     """saeengine's own encoder backends that run on this GPU (none on CPU, where the Triton
     interpreter is a testing tool; the torch reference is the baseline)."""

@@ -1,6 +1,7 @@
 """The benchmark script stays runnable: its smoke mode runs anywhere; the grid needs a GPU."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,6 @@ def test_grid_without_gpu_refuses_with_reason(capsys):
 
 
 def test_trainer_overhead_benchmark_runs(tmp_path):
-    import json
     import subprocess
     import sys
 
@@ -56,6 +56,9 @@ def test_cuda_ops_benchmark_smoke_runs(capsys):
     for section in module.SECTIONS:
         assert f"{section} {{" in out, section
     assert "error" not in out
+    # The full step lists its rows and dead latents as the trainer does: no syncing op.
+    step_rows = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("step {")]
+    assert step_rows and all(row["host_syncs"] == 0 for row in step_rows)
 
 
 def test_summary_takes_the_fastest_backend_as_ours():
