@@ -128,6 +128,16 @@ def _train_step(run: _Run, x: torch.Tensor, step: int, device: torch.device) -> 
             "sparsity": out.sparsity.detach(), "k": k or cfg.k}
 
 
+def _read_metrics(runs: list[_Run], metrics: list[dict]) -> list[dict]:
+    """Each run's step metrics and dead fraction as Python numbers, read in one host sync.
+    The training steps themselves never sync, so this read is also where the host waits
+    for the GPU: the tokens/s interval must end after it, not before."""
+    names = [name for name, value in metrics[0].items() if isinstance(value, torch.Tensor)]
+    table = torch.stack([torch.stack([m[name].float() for name in names] + [run.dead.float().mean()])
+                         for run, m in zip(runs, metrics)]).tolist()
+    return [{**m, **dict(zip(names, row)), "dead": row[-1]} for m, row in zip(metrics, table)]
+
+
 def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
     """Train an SAE (or a sweep of SAEs, one per config) and return it (them).
 
@@ -181,16 +191,15 @@ def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
         x = next(batches)
         metrics = [_train_step(run, x, step, device) for run in runs]
         if step % first.log_every == 0 or step == steps - 1:
+            read = _read_metrics(runs, metrics)  # the clock stops once the GPU has done this step
             now = time.perf_counter()
             tokens_per_s = (step + 1 - tick_step) * batch / max(now - tick, 1e-9)
             tick, tick_step = now, step + 1
-            for run, m in zip(runs, metrics):
+            for run, m in zip(runs, read):
                 run.log.write({"step": step, "tokens": (step + 1) * batch, "lr": run.opt.param_groups[0]["lr"],
-                               **{key: float(value) for key, value in m.items()},
-                               "dead": float(run.dead.float().mean()), "tokens_per_s": tokens_per_s})
-            head = runs[0]
-            bar.set_postfix(tok_s=f"{tokens_per_s:.3g}", fvu=f"{float(metrics[0]['fvu']):.4f}",
-                            l0=f"{float(metrics[0]['l0']):.1f}", dead=f"{float(head.dead.float().mean()):.1%}")
+                               **m, "tokens_per_s": tokens_per_s})
+            bar.set_postfix(tok_s=f"{tokens_per_s:.3g}", fvu=f"{read[0]['fvu']:.4f}", l0=f"{read[0]['l0']:.1f}",
+                            dead=f"{read[0]['dead']:.1%}")
         if every and (step + 1) * batch // every > step * batch // every:
             save_checkpoint(out_dir, step + 1, runs, source)
     bar.close()
