@@ -24,6 +24,13 @@ class LatentIndex(NamedTuple):
     n_unique: torch.Tensor        # [1] int64: the number of distinct latents
 
 
+def run_starts(ordered: torch.Tensor) -> torch.Tensor:
+    """ordered [M] sorted -> [M] bool, True where a run of equal values begins."""
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    return starts
+
+
 def build_latent_index(indices: torch.Tensor, max_distinct: int | None = None) -> LatentIndex:
     """indices [N, k] int64 -> :class:`LatentIndex` over its P = N*k pairs.
 
@@ -33,8 +40,7 @@ def build_latent_index(indices: torch.Tensor, max_distinct: int | None = None) -
     flat = indices.reshape(-1)
     n_pairs = flat.numel()
     sorted_latents, order = torch.sort(flat, stable=True)
-    is_start = torch.ones_like(sorted_latents, dtype=torch.bool)
-    is_start[1:] = sorted_latents[1:] != sorted_latents[:-1]
+    is_start = run_starts(sorted_latents)
     segment_id = torch.cumsum(is_start, 0) - 1
     unique_latents = flat.new_full((min(n_pairs, max_distinct if max_distinct is not None else n_pairs),), -1)
     unique_latents.scatter_(0, segment_id, sorted_latents)  # equal values per segment: order-free

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from saeengine._host_read import HostRead
+from saeengine.ops.latent_index import run_starts
 from saeengine.backends import resolve_backend
 
 
@@ -66,9 +67,7 @@ def fired_rows(code, n_latents: int) -> DeferredLatents:
     codes = [code] + ([code.aux] if code.aux is not None else [])
     keys = torch.cat([torch.where(c.values > 0, c.indices, n_latents).reshape(-1) for c in codes])
     ordered = torch.sort(keys).values  # not fired -> n_latents, sorted to the end
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    return _flagged_first(ordered, first & (ordered < n_latents))
+    return _flagged_first(ordered, run_starts(ordered) & (ordered < n_latents))
 
 
 @torch.no_grad()

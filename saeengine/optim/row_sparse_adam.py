@@ -26,7 +26,8 @@ from saeengine.backends import resolve_backend
 LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
 
 
-def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor,
+                     rows_sorted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The rows ``rows`` [R] (distinct, in any order) of a latent-row gradient, dense [F, ...]
     or sparse COO, coalesced or not: [R, ...]. Sparse entries of one latent are added up,
     entries of latents not in ``rows`` are dropped, and a row with no entry gets zeros. No
@@ -34,7 +35,8 @@ def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
     Repeatable: the sparse backward gives each latent at most two nonzero entries (one per
     code; its padding entries are zero rows), and a + b, with zeros added anywhere, is one
-    value whatever order the adds run in.
+    value whatever order the adds run in. ``rows_sorted``: ``torch.sort(rows)``, when the
+    caller gathers several gradients over the same rows.
     """
     if not grad.is_sparse:
         return grad[rows]
@@ -42,7 +44,7 @@ def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     out = values.new_zeros((rows.numel(), *values.shape[1:]))
     if latents.numel() == 0 or rows.numel() == 0:
         return out
-    ascending, position = torch.sort(rows)
+    ascending, position = rows_sorted if rows_sorted is not None else torch.sort(rows)
     at = torch.searchsorted(ascending, latents).clamp_max(rows.numel() - 1)
     present = (ascending[at] == latents).reshape(-1, *([1] * (values.dim() - 1)))
     return out.index_add_(0, position[at], torch.where(present, values, 0))
@@ -133,7 +135,8 @@ class RowSparseAdam:
         named = {name: p for name, p in self.sae.named_parameters() if p.grad is not None}
         # The rows each latent-row parameter's update reads; the CUDA op reads a dense
         # gradient in place unless it must be scaled first.
-        grads = {name: latent_grad_rows(p.grad, rows)
+        rows_sorted = torch.sort(rows) if any(p.grad.is_sparse for p in named.values()) else None
+        grads = {name: latent_grad_rows(p.grad, rows, rows_sorted)
                  if name in LATENT_ROW_PARAMS and (p.grad.is_sparse or max_grad_norm or self.backend != "cuda")
                  else p.grad for name, p in named.items()}
         norm = None
