@@ -112,6 +112,11 @@ def sparsify_version() -> str | None:
         return None
 
 
+def error_text(exc: BaseException) -> str:
+    """How a failed measurement is recorded in the results."""
+    return f"error: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str | None = None,
                  module: torch.nn.Module | None = None) -> None:
     """row[key] = median ms of fn (and row[memory_key] = its peak GB); "OOM" when it does not
@@ -124,7 +129,7 @@ def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str 
     except torch.OutOfMemoryError:
         row[key] = "OOM"
     except Exception as exc:  # noqa: BLE001 - recorded in the results instead
-        row[key] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        row[key] = error_text(exc)
     finally:
         if device.type == "cuda" and not isinstance(row.get(key), float):
             torch.cuda.empty_cache()
@@ -139,7 +144,7 @@ def host_syncs(fn) -> int | str:
         with count_host_syncs() as syncs:
             fn()
     except Exception as exc:  # noqa: BLE001 - recorded in the results instead
-        return f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        return error_text(exc)
     return syncs.total
 
 

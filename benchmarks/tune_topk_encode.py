@@ -27,7 +27,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_benchmarks import stamp  # noqa: E402
+from run_benchmarks import error_text, stamp  # noqa: E402
 
 import saeengine  # noqa: E402
 from saeengine import SAE, SAEConfig  # noqa: E402
@@ -83,7 +83,7 @@ def sweep(n: int, f: int, d: int, k: int, sections: set[str]) -> list[dict]:
             row["ms"] = ms(lambda: topk_encode_forward(x, W, b, k, tiling=tiling, select=select))
             row["over_gemm"] = row["ms"] / gemm
         except Exception as exc:  # a tiling may not compile (shared memory, registers)
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["error"] = error_text(exc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     # sparse decode (k = 32 and the AuxK width 512) against the CUDA kernel when built
@@ -118,7 +118,7 @@ def sweep(n: int, f: int, d: int, k: int, sections: set[str]) -> list[dict]:
             row["ms"] = ms(lambda: topk_encode_forward(x, W, b, 512, latent_subset=dead, tiling=tiling))
             row["over_gemm"] = row["ms"] / gemm
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["error"] = error_text(exc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if "gemm" in sections:
@@ -136,20 +136,21 @@ def auxk_step_variants(n, f, d, k) -> list[dict]:
     sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device="cuda", seed=0)
     x = torch.randn(n, d, device="cuda")
     dead = torch.rand(f, device="cuda") < 0.1
+    dead_list = torch.nonzero(dead).squeeze(1)  # listed ahead, as the trainer does
     rows, default_ratio = [], dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K
     for backend in ("triton", "cuda"):
         for label, ratio in (("dense", 10**9), ("sparse", 0)):
             def step():
                 sae.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = sae(x, dead_mask=dead, backend=backend, check=False)
+                    out = sae(x, dead_latents=dead_list, backend=backend, check=False)
                 out.loss.backward()
             row = {"N": n, "F": f, "variant": f"fwd_bwd:{backend}:auxk_{label}"}
             dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K = ratio
             try:
                 row["ms"] = ms(step)
             except Exception as exc:  # noqa: BLE001 - recorded in the row
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                row["error"] = error_text(exc)
             finally:
                 dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K = default_ratio
             rows.append(row)
@@ -174,7 +175,7 @@ def gemm_variants(n, f, k, x, W, b, dead, pre, gemm) -> list[dict]:
             row["ms"] = ms(fn)
             row["over_gemm"] = row["ms"] / gemm
         except Exception as exc:  # noqa: BLE001 - an unbuilt extension or a kernel bug is a row, not the end
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["error"] = error_text(exc)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -207,6 +208,7 @@ def breakdown(n: int, f: int, d: int, k: int, backend: str = "triton") -> dict:
     sae = SAE(SAEConfig(d_in=d, d_sae=f, k=k), device="cuda", seed=0)
     x = torch.randn(n, d, device="cuda")
     dead = torch.rand(f, device="cuda") < 0.1
+    dead_list = torch.nonzero(dead).squeeze(1)  # listed ahead, as the trainer does
 
     def encode():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -215,7 +217,7 @@ def breakdown(n: int, f: int, d: int, k: int, backend: str = "triton") -> dict:
     def step():
         sae.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = sae(x, dead_mask=dead, backend=backend, check=False)
+            out = sae(x, dead_latents=dead_list, backend=backend, check=False)
         out.loss.backward()
 
     result = {}

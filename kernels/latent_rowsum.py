@@ -14,8 +14,9 @@ temporary per code and no sum of them.
 With ``compact_rows`` the output holds one row per distinct latent instead, in ascending
 latent order (row u belongs to ``index.unique_latents[u]``): the rows of a sparse
 gradient, with no [F, d] buffer at all. Its row count is a bound the host knows
-(min(pairs, F)), not the distinct count, which lives on the device: the kernel writes zeros
-past it, and the host never waits to size the output.
+(min(pairs, F), or the size of the subset an AuxK code was chosen from), not the distinct
+count, which lives on the device: the kernel writes zeros past it, and the host never
+waits to size the output.
 The grid is persistent: a fixed number of programs walks the distinct latents, whose count
 is read on the device, so the launch does not scale with the number of pairs (AuxK has
 N * k_aux of them) and the host never syncs.

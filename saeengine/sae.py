@@ -204,7 +204,7 @@ class SAE(nn.Module):
     def _dead_list(self, x: torch.Tensor, dead_mask: torch.Tensor | None, dead_latents: torch.Tensor | None,
                    check: bool) -> torch.Tensor | None:
         """AuxK's dead latents [S] ascending (None when AuxK is off), from either form;
-        ``check`` also range-checks a given list (a host sync)."""
+        ``check`` also checks a given list's shape, dtype and range (a host sync)."""
         if dead_mask is None and dead_latents is None:
             return None
         if self.cfg.architecture not in ("topk", "batchtopk"):
@@ -212,11 +212,10 @@ class SAE(nn.Module):
         if dead_mask is not None and dead_latents is not None:
             raise ValueError("give the dead latents as dead_mask or as dead_latents, not both")
         if dead_latents is not None:
-            if dead_latents.dim() != 1 or dead_latents.dtype != torch.int64 or dead_latents.device != x.device:
-                raise ValueError(f"dead_latents must be a 1-D int64 tensor [S] on {x.device}; got "
-                                 f"{dead_latents.dtype} {tuple(dead_latents.shape)} on {dead_latents.device}")
+            if dead_latents.device != x.device:
+                raise ValueError(f"dead_latents is on {dead_latents.device} but x is on {x.device}; move one of them")
             if check:
-                _checks.check_indices(dead_latents, self.cfg.d_sae)
+                _checks.check_latent_list("dead_latents", dead_latents, self.cfg.d_sae)
             return dead_latents
         _checks.check_vector("dead_mask", dead_mask, self.cfg.d_sae)
         if dead_mask.dtype != torch.bool or dead_mask.device != x.device:
@@ -255,12 +254,10 @@ class SAE(nn.Module):
         if k is not None and (self.cfg.architecture not in ("topk", "batchtopk") or not 1 <= k <= self.cfg.d_sae):
             raise ValueError(f"k={k} applies to topk and batchtopk SAEs and must lie in [1, d_sae={self.cfg.d_sae}]"
                              f" (this SAE is {self.cfg.architecture!r})")
-        dead = self._dead_list(x, dead_mask, dead_latents, check)
-        if dead is not None and not (dead.numel() and self.cfg.effective_k_aux):
-            dead = None  # nothing dead (or k_aux = 0): no AuxK code
+        # None when nothing is dead (or k_aux = 0): no AuxK code
+        dead, k_dead = ops.auxk_latents(self._dead_list(x, dead_mask, dead_latents, check), self.cfg.effective_k_aux)
         dtype = _compute_dtype(self.W_enc.dtype, x.device)
         xn = self.normalize(x.to(dtype))
-        k_dead = min(self.cfg.effective_k_aux, dead.numel()) if dead is not None else 0
         dense_aux = self._dense_auxk(dead, k_dead, backend, x.device)
         code = self._encode_normalized(xn, None if dense_aux else dead, backend, k, sparse_grad, weight_copies)
         codes = [(code.values, code.indices, code.latent_index)]

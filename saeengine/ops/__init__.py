@@ -8,7 +8,7 @@ from .dense_auxk import auxk_dense, use_dense_auxk
 from .latent_index import LatentIndex, build_latent_index, latent_weighted_rowsum_ref
 from .sparse_decode import (compute_copy, sparse_decode, sparse_decode_backward_ref, sparse_decode_codes,
                             sparse_decode_ref)
-from .topk_encode import dead_latent_list, topk_encode, topk_encode_ref
+from .topk_encode import auxk_latents, dead_latent_list, topk_encode, topk_encode_ref
 from .topk_select import topk_select, topk_select_ref
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "auxk_dense",
     "build_latent_index",
     "compute_copy",
+    "auxk_latents",
     "dead_latent_list",
     "latent_weighted_rowsum_ref",
     "sparse_decode",

@@ -67,6 +67,15 @@ def check_k(k: int, d_sae: int, name: str = "k") -> None:
         raise ValueError(f"{name}={k} is out of range: it must satisfy 1 <= {name} <= d_sae={d_sae}")
 
 
+def check_latent_list(name: str, t: torch.Tensor | None, n_latents: int) -> None:
+    """A 1-D int64 list of latent ids in [0, n_latents), or None (one host sync)."""
+    if t is None:
+        return
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D [S] tensor of latent ids, got shape {tuple(t.shape)}")
+    check_indices(t, n_latents)
+
+
 def check_indices(indices: torch.Tensor, n_latents: int) -> None:
     if indices.dtype != torch.int64:
         raise TypeError(f"indices must be int64, got {indices.dtype}; use indices.long()")

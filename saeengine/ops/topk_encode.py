@@ -43,13 +43,19 @@ def topk_encode_ref(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k
     return values, indices
 
 
+def auxk_latents(dead: torch.Tensor | None, k_aux: int) -> tuple[torch.Tensor | None, int]:
+    """dead [S] ascending dead latent ids or None -> (dead, the AuxK width min(k_aux, S)),
+    or (None, 0) when AuxK is off or nothing is dead: there is then no AuxK code."""
+    if dead is None or k_aux <= 0 or dead.numel() == 0:
+        return None, 0
+    return dead, min(k_aux, dead.numel())
+
+
 def dead_latent_list(dead_mask: torch.Tensor | None, k_aux: int) -> tuple[torch.Tensor | None, int]:
-    """(ascending dead latent ids, the AuxK width min(k_aux, #dead)), or (None, 0) when AuxK
-    is off or nothing is dead. One host sync (the number of dead latents)."""
+    """:func:`auxk_latents` of the mask's True positions. One host sync (their number)."""
     if dead_mask is None or k_aux <= 0:
         return None, 0
-    dead = torch.nonzero(dead_mask).squeeze(1)
-    return (dead, min(k_aux, dead.numel())) if dead.numel() else (None, 0)
+    return auxk_latents(torch.nonzero(dead_mask).squeeze(1), k_aux)
 
 
 # A wide code over a subset (AuxK: k_aux = d/2 = 512 over the dead latents) is selected
@@ -200,10 +206,7 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
         _checks.check_vector("b_enc", b_enc, W_enc.shape[0])
         _checks.check_vector("b_pre", b_pre, x.shape[1])
         _checks.check_vector("dead_mask", dead_mask, W_enc.shape[0])
-        if dead_latents is not None:
-            if dead_latents.dim() != 1:
-                raise ValueError(f"dead_latents must be a 1-D [S] tensor, got shape {tuple(dead_latents.shape)}")
-            _checks.check_indices(dead_latents, W_enc.shape[0])
+        _checks.check_latent_list("dead_latents", dead_latents, W_enc.shape[0])
         _checks.check_nonempty("x", x)
         _checks.check_float("x", x)
         _checks.check_k(k, W_enc.shape[0])
@@ -218,10 +221,7 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
     if dead_latents is not None and dead_mask is not None:
         raise ValueError("give the dead latents as dead_mask or as dead_latents, not both")
     backend = resolve_backend(backend, "topk_encode", x.device)
-    if dead_latents is not None:
-        dead, k_dead = (dead_latents, min(k_aux, dead_latents.numel())) if k_aux > 0 and dead_latents.numel() else (None, 0)
-    else:
-        dead, k_dead = dead_latent_list(dead_mask, k_aux)
+    dead, k_dead = auxk_latents(dead_latents, k_aux) if dead_latents is not None else dead_latent_list(dead_mask, k_aux)
     dtype = x.dtype
     b_enc = b_enc.to(dtype)
     b_pre = b_pre.to(dtype) if b_pre is not None else None
