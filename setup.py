@@ -80,6 +80,7 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=find_packages(include=["saeengine", "saeengine.*"]) + ["saeengine.kernels"],
     package_dir={"saeengine.kernels": "kernels"},
+    package_data={"saeengine": ["gpu_validation.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -3,6 +3,9 @@
     python benchmarks/bench_cuda_ops.py --out benchmarks/results/<date>-<gpu>-cuda-ops.json
     python benchmarks/bench_cuda_ops.py --smoke        # tiny shapes, any device (checks the script)
 
+Each time is a median with its [20th, 50th, 80th] percentiles beside it (``<key>_q``); the
+JSON, stamped with the commit, is rewritten after every section.
+
 Sections (--sections, comma-separated; all by default):
   select     topk_select (cuda) against torch.topk, N=4096, F=2^18, k=32, fp32 and bf16
   decode     sparse decode forward and backward, cuda against triton; forward GB/s of the
@@ -28,9 +31,11 @@ from pathlib import Path
 import torch
 
 import saeengine
-from run_benchmarks import bench_ms, copy_bandwidth_gbps, guarded, host_syncs, measure_into, sparsify_coder, stamp
+from run_benchmarks import (copy_bandwidth_gbps, guarded, host_syncs, implementations_here, measure_into,
+                            sparsify_coder, stamp)
 from saeengine import SAE, SAEConfig, ops
-from saeengine.optim import RowSparseAdam, fired_rows, resample_dead_latents_
+from saeengine.optim import RowSparseAdam, resample_dead_latents_
+from saeengine.trainer import TrainStep
 
 SECTIONS = ("select", "decode", "optimizer", "resample", "step", "widest")
 
@@ -44,9 +49,9 @@ def select_rows(n: int, f: int, k: int, device: torch.device) -> list[dict]:
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(n, f, device=device).to(dtype)
         row = {"N": n, "F": f, "k": k, "dtype": _dtype_name(dtype)}
-        for backend in saeengine.available_backends("topk_select", device):
-            row[f"{backend}_ms"] = bench_ms(lambda: ops.topk_select(x, k, backend=backend), device)
-        if "cuda_ms" in row:
+        for backend in implementations_here("topk_select", device):
+            measure_into(row, f"{backend}_ms", lambda: ops.topk_select(x, k, backend=backend), device)
+        if isinstance(row.get("cuda_ms"), float) and isinstance(row.get("torch_ms"), float):
             row["speedup_vs_torch"] = row["torch_ms"] / row["cuda_ms"]
         rows.append(row)
     return rows
@@ -61,7 +66,7 @@ def decode_rows(n: int, f: int, d: int, k: int, device: torch.device, copy_gbps:
         grad_out = torch.randn(n, d, device=device, dtype=dtype)
         row = {"N": n, "F": f, "d": d, "k": k, "dtype": _dtype_name(dtype)}
         gathered = n * k * d * W.element_size()
-        for backend in saeengine.available_backends("sparse_decode", device):
+        for backend in implementations_here("sparse_decode", device):
             def forward():
                 with torch.no_grad():
                     ops.sparse_decode(values, indices, W, backend=backend, check=False)
@@ -70,11 +75,13 @@ def decode_rows(n: int, f: int, d: int, k: int, device: torch.device, copy_gbps:
                 out = ops.sparse_decode(values, indices, W, backend=backend, check=False)
                 torch.autograd.grad(out, (values, W), grad_out)
 
-            row[f"fwd_{backend}_ms"] = ms = bench_ms(forward, device)
-            row[f"fwd_{backend}_gbps"] = gathered / ms / 1e6
-            if copy_gbps:
-                row[f"fwd_{backend}_of_copy_bw"] = row[f"fwd_{backend}_gbps"] / copy_gbps
-            row[f"fwd_bwd_{backend}_ms"] = bench_ms(backward, device)
+            measure_into(row, f"fwd_{backend}_ms", forward, device)
+            ms = row[f"fwd_{backend}_ms"]
+            if isinstance(ms, float):
+                row[f"fwd_{backend}_gbps"] = gathered / ms / 1e6
+                if copy_gbps:
+                    row[f"fwd_{backend}_of_copy_bw"] = row[f"fwd_{backend}_gbps"] / copy_gbps
+            measure_into(row, f"fwd_bwd_{backend}_ms", backward, device)
         rows.append(row)
     return rows
 
@@ -90,18 +97,18 @@ def optimizer_rows(n: int, f: int, d: int, k: int, device: torch.device) -> list
         p.grad = torch.randn_like(p)
     rows = _step_rows(n, f, k, device)
     row = {"N": n, "F": f, "d": d, "rows": int(rows.numel())}
-    for backend in saeengine.available_backends("row_sparse_adam", device):
-        row[f"row_sparse_{backend}_ms"] = bench_ms(
-            lambda opt=RowSparseAdam(sae, lr=1e-4, backend=backend): opt.step(rows), device)
+    for backend in implementations_here("row_sparse_adam", device):
+        measure_into(row, f"row_sparse_{backend}_ms",
+                     lambda opt=RowSparseAdam(sae, lr=1e-4, backend=backend): opt.step(rows), device)
     dense = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device.type == "cuda")
-    row["dense_adam_ms"] = bench_ms(dense.step, device)
+    measure_into(row, "dense_adam_ms", dense.step, device)
     del dense
     # The same step reading sparse weight gradients (the rows only, as the trainer gives them).
     for W in (sae.W_enc, sae.W_dec):
         W.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), W.grad[rows], W.shape, check_invariants=False).coalesce()
-    for backend in saeengine.available_backends("row_sparse_adam", device):
-        row[f"row_sparse_{backend}_sparse_grad_ms"] = bench_ms(
-            lambda opt=RowSparseAdam(sae, lr=1e-4, backend=backend): opt.step(rows), device)
+    for backend in implementations_here("row_sparse_adam", device):
+        measure_into(row, f"row_sparse_{backend}_sparse_grad_ms",
+                     lambda opt=RowSparseAdam(sae, lr=1e-4, backend=backend): opt.step(rows), device)
     return [row]
 
 
@@ -111,27 +118,29 @@ def resample_rows(f: int, d: int, device: torch.device) -> list[dict]:
     dead = torch.rand(f, device=device) < 0.1
     x, losses = torch.randn(4096, d, device=device), torch.rand(4096, device=device)
     row = {"F": f, "d": d, "dead": int(dead.sum())}
-    for backend in saeengine.available_backends("resample_dead", device):
-        row[f"{backend}_ms"] = bench_ms(lambda: resample_dead_latents_(sae, opt, dead, x, losses, backend=backend),
-                                        device)
+    for backend in implementations_here("resample_dead", device):
+        measure_into(row, f"{backend}_ms", lambda: resample_dead_latents_(sae, opt, dead, x, losses, backend=backend),
+                     device)
     return [row]
 
 
-def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, sparse_grad: bool = True,
-              weight_copies: bool = True):
-    """Forward (bf16 autocast, AuxK) + backward + row-sparse Adam on the rows that fired;
-    the weight gradients are sparse rows unless ``sparse_grad`` is False, and the kernels
-    read bf16 copies of the weights unless ``weight_copies`` is False."""
-    dead_list = torch.nonzero(dead).squeeze(1)  # the trainer lists them during the step before
-
-    def run():
-        sae.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = sae(x, dead_latents=dead_list, check=False, sparse_grad=sparse_grad, weight_copies=weight_copies)
-        fired = fired_rows(out.code, sae.cfg.d_sae)  # as the trainer: found before the backward, read after
-        out.loss.backward()
-        opt.step(fired.get())
-    return run
+def full_step(sae: SAE, opt, x: torch.Tensor, dead: torch.Tensor, weight_copies: bool = True):
+    """The trainer's step (saeengine.trainer.TrainStep) on ``x``: forward (bf16 autocast on
+    CUDA, AuxK over the latents of ``dead`` [F] bool), backward, and ``opt``'s step on the
+    rows that fired, with sparse weight gradients unless ``opt.sparse_grad`` is False; the
+    kernels read bf16 copies of the weights unless ``weight_copies`` is False. No clipping
+    (as in the rows recorded before; sparsify's step does not clip either), no resampling,
+    the peak learning rate throughout. The dead latents stay dead for the whole
+    measurement: they never fired, and their encoder rows are shrunk 1000x so that they
+    never win the main top-k (AuxK still trains them)."""
+    n = x.shape[0]
+    cfg = saeengine.TrainConfig(d_sae=sae.cfg.d_sae, k=sae.cfg.k, batch_size=n, total_tokens=n * 2**40, lr=1e-4,
+                                warmup_steps=0, clip_grad_norm=0.0, autocast="bfloat16", dead_after_tokens=2**62)
+    with torch.no_grad():
+        sae.W_enc[dead] *= 1e-3
+    step = TrainStep(sae, cfg, opt, forward_options={"weight_copies": weight_copies})
+    step.last_fired.masked_fill_(dead, -2**62)
+    return lambda: step(x)
 
 
 def memory_model_gb(f: int, d: int, moment_bytes: int, grad_rows: int, weight_copies: bool = True) -> dict:
@@ -156,12 +165,12 @@ def measure_our_step(row: dict, x: torch.Tensor, f: int, k: int, dead: torch.Ten
         sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=f, k=k), device=x.device, seed=0)
         # The CUDA optimizer by name: "auto" passes over kernels awaiting their GPU validation.
         backend = "cuda" if "cuda" in saeengine.available_backends("row_sparse_adam", x.device) else "torch"
-        opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype, backend=backend)
+        opt = RowSparseAdam(sae, lr=1e-4, moment_dtype=moment_dtype, backend=backend, sparse_grad=sparse_grad)
         row["optimizer_backend"] = backend
     except torch.OutOfMemoryError:
         row["step_ms"] = "OOM"
         return
-    step = full_step(sae, opt, x, dead, sparse_grad, weight_copies)
+    step = full_step(sae, opt, x, dead, weight_copies)
     measure_into(row, "step_ms", step, x.device, "peak_gb", sae)
     if isinstance(row["step_ms"], float):
         row["host_syncs"] = host_syncs(step)
@@ -210,9 +219,10 @@ def widest_rows(n: int, widths: list[int], d: int, k: int, device: torch.device)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device); results are not written")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device); written only with --out")
     parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the results as JSON here, after every section (with --smoke too)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -229,16 +239,20 @@ def main(argv=None) -> int:
         "step": lambda: step_rows(n, f_large, d, k, device),
         "widest": lambda: widest_rows(big_n, widths, d, k, device),
     }
-    results = {"meta": {**stamp(device), "copy_gbps": copy_gbps}}
-    for section in args.sections.split(","):
+    results = {"meta": {**stamp(device), "copy_gbps": copy_gbps}, "complete": False}
+    sections = args.sections.split(",")
+    for section in sections:
         if section not in plan:
             parser.error(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
+    for section in sections:
         out = guarded(lambda _n, _f: plan[section](), 0, 0)
         results[section] = out if isinstance(out, list) else [out]
         for row in results[section]:
             print(section, json.dumps(row), flush=True)
-    if args.out and not args.smoke:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        results["complete"] = section == sections[-1]
+        if args.out:  # after every section: a stopped run keeps what it measured
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.out:
         print(f"wrote {args.out}")
     return 0
 

@@ -3,11 +3,12 @@
     python benchmarks/bench_trainer.py --out benchmarks/results/<date>-<gpu>-trainer.json   # GPU: F=2^18
     python benchmarks/bench_trainer.py --d-in 64 --d-sae 1024 --k 8 --batch 1024 --steps 40   # CPU smoke
 
-The bare step is the math of one training step on a batch already on the device:
-forward with AuxK's dead latents (listed ahead), backward, parallel-gradient removal, clipping, Adam and
-the decoder projection. The trainer adds the rest: the activation-store loader (pinned
-buffers, a background thread), the learning-rate schedule, dead-latent counters and
-metric logging. Its tokens/s is the median of the intervals between metric lines in
+The bare step is the trainer's own step (saeengine.trainer.TrainStep, built from the same
+TrainConfig) on a batch already on the device: learning rate, forward with AuxK over the
+dead latents listed ahead, dead-latent counters, backward, and the optimizer with its
+constraints (parallel-gradient removal, clipping, Adam, decoder projection). The trainer
+adds the rest: the activation-store loader (pinned buffers, a background thread), the
+loop and metric logging. Its tokens/s is the median of the intervals between metric lines in
 metrics.jsonl, after the first. The issue's target: trainer >= 90% of the bare step.
 """
 
@@ -18,36 +19,23 @@ import json
 import statistics
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import saeengine
 from bench_loader import build_store
+from saeengine.trainer import TrainStep
 from run_benchmarks import bench_ms, stamp
 
 
 def bare_step_ms(cfg: saeengine.TrainConfig, d_in: int, device: torch.device) -> float:
-    sae = saeengine.SAE(saeengine.SAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k), device=device, seed=0)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate)
-    x = torch.randn(cfg.batch_size, d_in, device=device).to(torch.float16)
-    # None dead, as in the trainer's first steps, and listed ahead, as the trainer does.
-    dead = torch.zeros(0, dtype=torch.int64, device=device)
-    autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.autocast))
-                if cfg.autocast != "none" and device.type == "cuda" else nullcontext())
-
-    def step():
-        with autocast:
-            out = sae(x, dead_latents=dead, backend=cfg.backend, check=False)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad_norm)
-        opt.step()
-        sae.normalize_decoder_()
-
-    return bench_ms(step, device)
+    """Median ms of the trainer's own step (TrainStep, as ``cfg`` builds it) on one batch
+    already on the device: the trainer's work without the loader, the loop and the logs."""
+    sae = saeengine.SAE(cfg.sae_config(d_in), device=device, seed=cfg.seed)
+    step = TrainStep(sae, cfg)
+    x = torch.randn(cfg.batch_size, d_in, device=device)  # fp32, as the trainer's batches
+    return bench_ms(lambda: step(x), device)
 
 
 def trainer_tokens_per_s(store_dir: Path, cfg: saeengine.TrainConfig) -> float:

@@ -4,11 +4,14 @@
     python benchmarks/run_benchmarks.py --smoke         # tiny shapes; runs on CPU too
 
 Per (N, F) at d=1024, k=32, bf16 compute: the bf16 GEMM x W_enc^T alone; encode (no
-grad) for each saeengine encoder backend that runs here (triton: fused kernel; cuda:
-chunked cuBLAS GEMM + CUDA top-k select), the torch reference and sparsify when installed;
+grad) for each saeengine encoder implementation that runs here, by family (triton: the
+fused kernel; cuda: chunked cuBLAS GEMM + the CUDA top-k select), the torch reference and
+sparsify when installed;
 forward + backward with AuxK (10% dead latents); peak memory; sparse decode bandwidth
-for each backend. Medians of triton.testing.do_bench (CUDA events, after warm-up).
-Writes benchmarks/results/<date>-<gpu>.json and prints a table.
+for each backend. Each time is the median of triton.testing.do_bench (CUDA events, after
+warm-up), with its 20th and 50th and 80th percentiles beside it (``<key>_q``). Writes
+benchmarks/results/<date>-<gpu>.json (or --out) after every row, stamped with the commit,
+and prints a table; ``"complete": false`` marks a file whose run was stopped early.
 """
 
 from __future__ import annotations
@@ -30,19 +33,30 @@ from saeengine import SAE, SAEConfig, ops
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def bench_ms(fn, device: torch.device) -> float:
-    """Median milliseconds of fn()."""
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+def bench_quantiles(fn, device: torch.device) -> list[float]:
+    """The 20th, 50th and 80th percentile milliseconds of fn() (CUDA events after warm-up
+    on a GPU; on CPU, where work is synchronous and only the scripts' smoke modes run, the
+    host clock over 3 runs after one warm-up: interpreted kernels take seconds a call)."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return [float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))]
     times = []
-    for i in range(6):  # CPU smoke mode: host clock is fine (synchronous work)
+    for i in range(4):
         start = time.perf_counter()
         fn()
         if i:
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")  # linear, as do_bench's torch.quantile
+    return [deciles[round(q * 10) - 1] for q in QUANTILES]
+
+
+def bench_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn()."""
+    return bench_quantiles(fn, device)[1]
 
 
 def peak_gb(fn, device: torch.device, module: torch.nn.Module) -> float | None:
@@ -119,11 +133,12 @@ def error_text(exc: BaseException) -> str:
 
 def measure_into(row: dict, key: str, fn, device: torch.device, memory_key: str | None = None,
                  module: torch.nn.Module | None = None) -> None:
-    """row[key] = median ms of fn (and row[memory_key] = its peak GB); "OOM" when it does not
-    fit, and "error: ..." when it fails otherwise (one failing variant must not take the
-    rest of the row with it)."""
+    """row[key] = median ms of fn, row[key + "_q"] = its [20th, 50th, 80th] percentiles (and
+    row[memory_key] = its peak GB); "OOM" when it does not fit, and "error: ..." when it
+    fails otherwise (one failing variant must not take the rest of the row with it)."""
     try:
-        row[key] = bench_ms(fn, device)
+        row[f"{key}_q"] = bench_quantiles(fn, device)
+        row[key] = row[f"{key}_q"][1]
         if memory_key:
             row[memory_key] = peak_gb(fn, device, module)
     except torch.OutOfMemoryError:
@@ -148,12 +163,26 @@ def host_syncs(fn) -> int | str:
     return syncs.total
 
 
+def implementations_here(op: str, device: torch.device) -> list[str]:
+    """The implementations of ``op`` that run on ``device``, as result columns and backend=
+    arguments: by family ("torch", "triton", "cuda"), which the SAE's backend= takes too and
+    which names the same columns in every result file; by name where a family has several."""
+    from saeengine.backends import IMPLEMENTATIONS, implementation
+
+    families = [impl.family for impl in IMPLEMENTATIONS[op]]
+    labels = []
+    for name in saeengine.available_backends(op, device):
+        family = implementation(op, name).family
+        labels.append(family if families.count(family) == 1 else name)
+    return labels
+
+
 def gpu_encoder_backends(device: torch.device) -> list[str]:
-    """saeengine's own encoder backends that run on this GPU (none on CPU, where the Triton
-    interpreter is a testing tool; the torch reference is the baseline)."""
+    """saeengine's own encoder implementations that run on this GPU (none on CPU, where the
+    Triton interpreter is a testing tool; the torch reference is the baseline)."""
     if device.type != "cuda":
         return []
-    return [b for b in saeengine.available_backends("topk_encode", device) if b != "torch"]
+    return [name for name in implementations_here("topk_encode", device) if name != "torch"]
 
 
 def _gemm_and_encode(row: dict, x: torch.Tensor, sae: SAE, k: int, device: torch.device) -> None:
@@ -237,9 +266,12 @@ def decode_rows(n: int, f: int, d: int, k: int, device: torch.device, dtype: tor
     W = torch.randn(f, d, device=device, dtype=dtype)
     row: dict = {"N": n, "F": f, "d": d, "k": k, "dtype": str(dtype).removeprefix("torch.")}
     gathered_bytes = n * k * d * W.element_size()
-    for backend in saeengine.available_backends("sparse_decode", device):
-        ms = bench_ms(lambda: ops.sparse_decode(values, indices, W, backend=backend, check=False), device)
-        row[f"decode_{backend}_ms"] = ms
+    for backend in implementations_here("sparse_decode", device):
+        measure_into(row, f"decode_{backend}_ms",
+                     lambda: ops.sparse_decode(values, indices, W, backend=backend, check=False), device)
+        ms = row[f"decode_{backend}_ms"]
+        if not isinstance(ms, float):
+            continue
         row[f"decode_{backend}_gbps"] = gathered_bytes / ms / 1e6
         if copy_gbps:
             row[f"decode_{backend}_of_copy_bw"] = row[f"decode_{backend}_gbps"] / copy_gbps
@@ -267,9 +299,12 @@ def copy_bandwidth_gbps(device: torch.device) -> float | None:
 
 
 def stamp(device: torch.device) -> dict:
+    """Date, commit (``saeengine.validation.current_commit``), versions and the device."""
     import triton
 
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    from saeengine.validation import current_commit
+
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": current_commit(),
             "saeengine": saeengine.__version__, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "device": str(device), "sparsify": sparsify_version()}
     if device.type == "cuda":
@@ -292,7 +327,8 @@ def print_table(rows: list[dict], keys: list[str]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device); results are not written")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes (any device); results are written only to an explicit --out")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<date>-<gpu>.json)")
     parser.add_argument("--shapes", default=None, help="comma-separated NxF (default: the issue grid)")
     args = parser.parse_args(argv)
@@ -310,23 +346,32 @@ def main(argv=None) -> int:
     meta = stamp(device)
     copy_gbps = copy_bandwidth_gbps(device)
     meta["copy_gbps"] = copy_gbps
+    path = args.out
+    if path is None and not args.smoke:
+        path = RESULTS / f"{meta['date'][:10]}-{(meta.get('gpu') or 'cpu').replace(' ', '-')}.json"
     encode, decode = [], []
+
+    def save(complete: bool) -> None:  # after every row: a stopped run keeps what it measured
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"meta": meta, "complete": complete, "encode": encode, "decode": decode},
+                                       indent=2) + "\n")
+
     for n, f in grid:
         encode.append(guarded(encode_rows, n, f, d, k, device, dtype))
         print(json.dumps(encode[-1]), flush=True)
+        save(False)
     for n, f in grid[:2]:
         decode.append(guarded(decode_rows, n, f, d, k, device, dtype, copy_gbps))
+        save(False)
+    save(True)
     print(json.dumps(meta))
     print_table(encode, ["N", "F", "gemm_ms", "encode_triton_ms", "encode_cuda_ms", "encode_over_gemm",
                          "encode_torch_ms", "encode_sparsify_ms", "fwd_bwd_triton_ms", "fwd_bwd_cuda_ms",
                          "fwd_bwd_sparsify_ms", "fwd_bwd_speedup_vs_sparsify", "fwd_bwd_torch_ms",
                          "peak_gb_triton", "peak_gb_cuda", "peak_gb_sparsify"])
-    print_table(decode, ["N", "F"] + [key for key in decode[0] if key.startswith("decode_")])
-    if not args.smoke:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        gpu = (meta.get("gpu") or "cpu").replace(" ", "-")
-        path = args.out or RESULTS / f"{meta['date'][:10]}-{gpu}.json"
-        path.write_text(json.dumps({"meta": meta, "encode": encode, "decode": decode}, indent=2) + "\n")
+    print_table(decode, ["N", "F"] + [key for key in decode[0] if key.startswith("decode_") and not key.endswith("_q")])
+    if path is not None:
         print(f"wrote {path}")
     return 0
 

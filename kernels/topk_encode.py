@@ -4,16 +4,12 @@ Stage 1, the partial kernel. The grid is (row blocks, F splits). A program compu
 pre-activation tiles [BLOCK_N, BLOCK_F] with tl.dot, adds the bias and applies ReLU.
 Splitting F across programs fills the GPU when N is small.
 
-There are two selection methods:
-- "filter" (the default), ``_topk_encode_filter_kernel``. Each row keeps in registers the
-  value of its current K_PAD-th best. Only elements above that threshold are appended to
-  the row's candidate list in global memory. A full list is compacted to its top K_PAD,
-  which raises the threshold, so a tile costs about one compare per element once the
-  threshold has settled.
-- "tilemerge", ``_topk_encode_tilemerge_kernel``. It keeps a running top-K_PAD in registers
-  and merges every tile's top-K_PAD into it: two bitonic sorts per tile. It is 2.5x slower
-  on an H100 (benchmarks/results/NOTES.md). It stays as the baseline, and with
-  ``select=False`` it times the GEMM part alone.
+Selection, ``_topk_encode_filter_kernel``: each row keeps in registers the value of its
+current K_PAD-th best. Only elements above that threshold are appended to the row's
+candidate list in global memory. A full list is compacted to its top K_PAD, which raises
+the threshold, so a tile costs about one compare per element once the threshold has
+settled. (A running top-k merged with every tile by bitonic sorts was 2.5x slower on an
+H100 and was removed: benchmarks/results/NOTES.md.)
 
 Stage 2, ``_topk_merge_kernel``. One program per row merges the K_PAD candidates of each
 split and writes the final values and latent indices.
@@ -88,43 +84,6 @@ def _preactivation_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, latents, lat_mask, 
     bias = tl.load(b_ptr + latents, mask=lat_mask, other=0.0).to(tl.float32)
     pre = acc + bias[None, :]
     return tl.where(pre > 0.0, pre, 0.0)  # ReLU; also maps -0.0 to +0.0 for the key order
-
-
-@triton.jit
-def _topk_encode_tilemerge_kernel(
-    x_ptr, w_ptr, b_ptr, subset_ptr, keys_ptr,
-    n_rows, n_candidates, d, latents_per_split,
-    stride_xn, stride_wf, stride_kn, stride_ks,
-    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SELECT: tl.constexpr,
-):
-    """Running top-K_PAD per row in registers, merged with each tile's top-K_PAD (two
-    bitonic top-k calls per tile). Needs BLOCK_F >= K_PAD."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    split = tl.program_id(1)
-    f_begin = split * latents_per_split
-    f_end = tl.minimum(f_begin + latents_per_split, n_candidates)
-    best = tl.full([BLOCK_N, K_PAD], -1, dtype=tl.int64)
-    for f0 in range(f_begin, f_end, BLOCK_F):
-        latents, lat_mask = _tile_latents(subset_ptr, f0, f_end, BLOCK_F, HAS_SUBSET)
-        pre = _preactivation_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, latents, lat_mask, d,
-                                  stride_xn, stride_wf, BLOCK_N, BLOCK_F, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        keys = _pack_keys(pre, latents[None, :])
-        keys = tl.where(lat_mask[None, :], keys, -1)
-        if SELECT:
-            # Merge only when some row has a key above its current K_PAD-th best.
-            improves = tl.max(keys, axis=1) > tl.min(best, axis=1)
-            if tl.max(improves.to(tl.int32), axis=0) > 0:
-                tile_best = tl.topk(keys, K_PAD, dim=1)
-                both = tl.reshape(tl.join(best, tile_best), [BLOCK_N, 2 * K_PAD])
-                best = tl.topk(both, K_PAD, dim=1)
-        else:  # profiling only (the GEMM + epilogue cost without selection): keep the row max
-            best = tl.maximum(best, tl.max(keys, axis=1)[:, None])
-    slots = tl.arange(0, K_PAD)
-    tl.store(keys_ptr + rows[:, None].to(tl.int64) * stride_kn + split * stride_ks + slots[None, :],
-             best, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -223,18 +182,13 @@ def _topk_merge_kernel(
 
 
 class EncodeTiling(NamedTuple):
-    """Tile shape, launch options and selection method of the partial kernel.
-
-    method: "filter" (threshold filter + candidate lists, the default) or "tilemerge"
-    (running top-k in registers merged with every tile's top-k; block_f is raised to K_PAD).
-    """
+    """Tile shape and launch options of the partial kernel."""
 
     block_n: int = 64
     block_f: int = 128
     block_d: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    method: str = "filter"
 
 
 def default_tiling(k_pad: int) -> EncodeTiling:
@@ -257,8 +211,7 @@ def _split_latents(n_candidates: int, row_blocks: int, block_f: int, k_pad: int,
 
 def topk_encode_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
                         latent_subset: torch.Tensor | None = None, splits: int | None = None,
-                        tiling: EncodeTiling | None = None, select: bool = True,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        tiling: EncodeTiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of relu(x @ weight.T + bias) per row, never materializing the [N, F] matrix.
 
     x [N, d], weight [F, d] (x's dtype, or fp32 rounded to x's dtype tile by tile), bias
@@ -267,9 +220,7 @@ def topk_encode_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     (values [N, k] in x's dtype, indices [N, k] int64 rows of weight), each row sorted by
     decreasing value; equal values prefer the lower latent. k <= F_sub.
     ``splits`` forces the number of F-splits (tests); by default the grid fills the GPU.
-    ``tiling`` overrides the tile shape and method (benchmarks/tune_topk_encode.py);
-    ``select=False`` (tilemerge only) skips the selection and returns garbage, to time the
-    GEMM part alone (profiling only).
+    ``tiling`` overrides the tile shape (benchmarks/tune_topk_encode.py).
     """
     if k > MAX_K:
         raise ValueError(f"k={k} is larger than the Triton top-k supports ({MAX_K}); use backend='torch'")
@@ -280,11 +231,7 @@ def topk_encode_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
     k_pad = max(2, next_pow2(k))  # tl.topk needs a candidate width of at least 2
     tiling = tiling or default_tiling(k_pad)
-    block_n, block_f, block_d, num_warps, num_stages, method = tiling
-    if method == "tilemerge" or not select:
-        method, block_f = "tilemerge", max(block_f, k_pad)
-    elif method != "filter":
-        raise ValueError(f"unknown top-k method {method!r}; use 'filter' or 'tilemerge'")
+    block_n, block_f, block_d, num_warps, num_stages = tiling
     block_d = min(block_d, max(16, next_pow2(d)))
     row_blocks = triton.cdiv(n, block_n)
     splits, per_split = _split_latents(n_candidates, row_blocks, block_f, k_pad, splits, x.device)
@@ -294,20 +241,14 @@ def topk_encode_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     common = dict(HAS_SUBSET=latent_subset is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
                   BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_D=block_d, K_PAD=k_pad,
                   num_warps=num_warps, num_stages=num_stages)
-    if method == "filter":
-        cap = next_pow2(k_pad + block_f)
-        keys = torch.empty(n, splits, cap, dtype=torch.int64, device=x.device)
-        count = torch.empty(n, splits, dtype=torch.int32, device=x.device)
-        thr = torch.empty(n, splits, dtype=torch.float32, device=x.device)
-        _topk_encode_filter_kernel[(row_blocks, splits)](
-            x, weight, bias, subset, keys, count, thr, n, n_candidates, d, per_split,
-            x.stride(0), weight.stride(0), keys.stride(0),
-            CAP=cap, SUB_N=max(1, min(block_n, 2048 // cap)), **common)
-    else:
-        keys = torch.empty(n, splits, k_pad, dtype=torch.int64, device=x.device)
-        _topk_encode_tilemerge_kernel[(row_blocks, splits)](
-            x, weight, bias, subset, keys, n, n_candidates, d, per_split,
-            x.stride(0), weight.stride(0), keys.stride(0), keys.stride(1), SELECT=select, **common)
+    cap = next_pow2(k_pad + block_f)
+    keys = torch.empty(n, splits, cap, dtype=torch.int64, device=x.device)
+    count = torch.empty(n, splits, dtype=torch.int32, device=x.device)
+    thr = torch.empty(n, splits, dtype=torch.float32, device=x.device)
+    _topk_encode_filter_kernel[(row_blocks, splits)](
+        x, weight, bias, subset, keys, count, thr, n, n_candidates, d, per_split,
+        x.stride(0), weight.stride(0), keys.stride(0),
+        CAP=cap, SUB_N=max(1, min(block_n, 2048 // cap)), **common)
     values = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
     _topk_merge_kernel[(n,)](

@@ -1,14 +1,24 @@
-"""Backend choice for every op: "torch" (reference), "triton" (kernels/), "cuda" (csrc/).
+"""The registry of op implementations, and the one place that decides which runs.
 
-Rules (README.md lists the environment variables):
-- ``backend="auto"`` (default): ``SAEENGINE_BACKEND`` overrides it when set (for the ops
-  that have that backend); otherwise the
-  fastest available backend for the op and device is used, falling back towards
-  "torch" and logging the reason once. Kernels still awaiting their first GPU test run
-  (``AWAITING_GPU_VALIDATION``) are used only when asked for by name.
-- An explicit backend (argument or ``SAEENGINE_BACKEND``) that cannot run raises
-  :class:`BackendUnavailableError` with the reason.
+Every op lists its implementations by algorithm, fastest first (:data:`IMPLEMENTATIONS`).
+Each :class:`Implementation` declares what it needs (Triton, the CUDA extension, CUDA
+tensors), which optional flags it honours (sparse weight gradients, reading fp32 master
+weights), its limits (largest k, float64), and the source files its GPU validation is
+keyed on.
+
+How a name is resolved (README.md, "Backends", lists the names and the variables):
+- ``backend="auto"`` (default): ``SAEENGINE_BACKEND`` replaces it when set (for the ops
+  that have that name); otherwise the first implementation that can run here and whose
+  current sources passed the GPU tests (:mod:`saeengine.validation`) is used. CPU tensors
+  always get ``"reference"``. What auto passes over is logged once per reason.
+- An implementation name (``"fused"``, ``"chunked"``, ``"radix"``, ...) or a family name
+  (``"torch"`` = ``"reference"``; ``"triton"``; ``"cuda"``: the op's implementation in that
+  language) is an explicit choice: if it cannot run, or cannot honour a flag the call asks
+  for, :class:`BackendUnavailableError` says why. Explicit choices skip the validation gate.
 - Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+
+The plans of the ops with several parts (``saeengine.ops.topk_encode.plan``,
+``saeengine.ops.sparse_decode.plan``) build on :func:`choose`.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -23,34 +34,114 @@ from saeengine._native import load_extension
 
 log = logging.getLogger("saeengine")
 
-BACKENDS = ("torch", "triton", "cuda")
+FAMILIES = ("torch", "triton", "cuda")
+# Flags an implementation may honour (a call that asks for one it does not honour raises).
+FLAGS = ("sparse_grad", "master_weights")
 
-# Which backends implement each op, fastest first ("auto" takes the first that runs).
-OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "topk_encode": ("triton", "cuda", "torch"),
-    "sparse_decode": ("triton", "cuda", "torch"),
-    "topk_select": ("cuda", "torch"),
-    "row_sparse_adam": ("cuda", "torch"),
-    "resample_dead": ("cuda", "torch"),
-    "mark_fired": ("cuda", "torch"),
+_KERNELS = ("kernels/_common.py",)
+_SEGMENT_SUM = ("kernels/latent_rowsum.py", "kernels/sparse_decode.py", "saeengine/ops/latent_index.py")
+_CSRC = ("csrc/common.cuh", "csrc/launchers.h", "csrc/torch_glue.h", "csrc/bindings.cpp")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of one op.
+
+    op, name: e.g. ("topk_encode", "fused"). family: "torch", "triton" or "cuda" (what the
+    family names select). needs: "triton" (the package, and CUDA tensors or the
+    interpreter), "extension" (saeengine._C), "cuda" (CUDA tensors). flags: the optional
+    flags of :data:`FLAGS` it honours. max_k: the largest k it selects (None: any).
+    float64: whether it takes float64 inputs. sources: repository paths whose content
+    the GPU validation record is keyed on (empty for pure torch code, which needs none).
+    """
+
+    op: str
+    name: str
+    family: str
+    needs: tuple[str, ...] = ()
+    flags: frozenset[str] = frozenset(FLAGS)
+    max_k: int | None = None
+    float64: bool = True
+    sources: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.name}"
+
+    @property
+    def needs_validation(self) -> bool:
+        return bool(self.sources)
+
+
+def _impl(op, name, family, needs=(), flags=FLAGS, max_k=None, float64=True, sources=()):
+    return Implementation(op, name, family, tuple(needs), frozenset(flags), max_k, float64, tuple(sources))
+
+
+TOPK_SELECT_MAX_K = 1024  # kTopkSelectMaxK in csrc/launchers.h
+
+# Fastest first: "auto" takes the first that can run and is validated.
+IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
+    "topk_encode": (
+        # One Triton kernel: GEMM tiles and the top-k selection; the same sparse backward.
+        _impl("topk_encode", "fused", "triton", needs=("triton",), sources=(
+            "kernels/topk_encode.py", "saeengine/ops/topk_encode/autograd.py", *_SEGMENT_SUM, *_KERNELS)),
+        # cuBLAS chunks + a select per chunk; the sparse Triton backward.
+        _impl("topk_encode", "chunked", "cuda", needs=("triton",), sources=(
+            "saeengine/ops/topk_encode/chunked.py", "saeengine/ops/topk_encode/autograd.py",
+            *_SEGMENT_SUM, *_KERNELS)),
+        _impl("topk_encode", "reference", "torch", flags=("sparse_grad",)),
+    ),
+    "sparse_decode": (
+        _impl("sparse_decode", "triton", "triton", needs=("triton",), sources=(
+            "saeengine/ops/sparse_decode/triton.py", *_SEGMENT_SUM, *_KERNELS)),
+        # Its backward is dense (torch.library autograd) and it reads a compute-dtype copy.
+        _impl("sparse_decode", "cuda", "cuda", needs=("extension", "cuda"), flags=(), float64=False, sources=(
+            "csrc/sparse_decode.cu", "csrc/sparse_decode_op.cpp", "saeengine/ops/_cuda_ops.py", *_CSRC)),
+        _impl("sparse_decode", "reference", "torch", flags=("sparse_grad",)),
+    ),
+    "topk_select": (
+        _impl("topk_select", "radix", "cuda", needs=("extension", "cuda"), max_k=TOPK_SELECT_MAX_K, float64=False,
+              sources=("csrc/topk_select.cu", "csrc/topk_select_op.cpp", *_CSRC)),
+        _impl("topk_select", "reference", "torch"),
+    ),
+    "row_sparse_adam": (
+        _impl("row_sparse_adam", "cuda", "cuda", needs=("extension", "cuda"),
+              sources=("csrc/row_sparse_adam.cu", "csrc/optim_ops.cpp", *_CSRC)),
+        _impl("row_sparse_adam", "reference", "torch"),
+    ),
+    "resample_dead": (
+        _impl("resample_dead", "cuda", "cuda", needs=("extension", "cuda"),
+              sources=("csrc/dead_latents.cu", "csrc/optim_ops.cpp", *_CSRC)),
+        _impl("resample_dead", "reference", "torch"),
+    ),
+    "mark_fired": (
+        _impl("mark_fired", "cuda", "cuda", needs=("extension", "cuda"),
+              sources=("csrc/dead_latents.cu", "csrc/optim_ops.cpp", *_CSRC)),
+        _impl("mark_fired", "reference", "torch"),
+    ),
 }
 
 
-# CUDA kernels whose GPU tests have not yet passed on a GPU: "auto" passes them over, and an
-# explicit backend="cuda" (or SAEENGINE_BACKEND=cuda) still runs them. The first GPU session
-# that sees their tests pass removes them from here, and orders OP_BACKENDS by the
-# measurements (benchmarks/bench_cuda_ops.py, run_benchmarks.py).
-AWAITING_GPU_VALIDATION: frozenset[tuple[str, str]] = frozenset({
-    ("topk_encode", "cuda"), ("sparse_decode", "cuda"), ("topk_select", "cuda"),
-    ("row_sparse_adam", "cuda"), ("resample_dead", "cuda"), ("mark_fired", "cuda"),
-})
-
-# Backends that lean on another one: the cuda encoder's backward runs the Triton kernels.
-ALSO_NEEDS: dict[tuple[str, str], str] = {("topk_encode", "cuda"): "triton"}
-
-
 class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
+    """An explicitly requested implementation cannot run here; the message says why."""
+
+
+def implementation(op: str, name: str) -> Implementation:
+    """The implementation ``name`` of ``op`` (KeyError-free: ValueError naming the choices)."""
+    for impl in _implementations(op):
+        if impl.name == name:
+            return impl
+    raise ValueError(f"{op} has no implementation {name!r}; choose one of {names(op)}")
+
+
+def names(op: str) -> tuple[str, ...]:
+    return tuple(impl.name for impl in _implementations(op))
+
+
+def _implementations(op: str) -> tuple[Implementation, ...]:
+    if op not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown op {op!r}; ops: {sorted(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[op]
 
 
 def triton_interpreting() -> bool:
@@ -66,64 +157,124 @@ def _triton_import_problem() -> str:
     return ""
 
 
-def unavailable_reason(backend: str, op: str, device: torch.device) -> str:
-    """Why ``backend`` cannot run ``op`` on ``device``; "" when it can."""
-    if backend not in OP_BACKENDS[op]:
-        return f"{op} has no {backend} implementation (available: {', '.join(OP_BACKENDS[op])})"
-    if backend == "torch":
-        return ""
-    if backend == "triton":
+def _need_problem(need: str, device: torch.device) -> str:
+    if need == "triton":
         problem = _triton_import_problem()
         if problem:
             return problem
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return ""
         return f"triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 to interpret them on CPU"
-    if backend == "cuda":
+    if need == "extension":
         loaded, reason = load_extension()
-        if not loaded:
-            return reason
-        if device.type != "cuda":
-            return f"the cuda backend needs CUDA tensors (got {device})"
-        helper = ALSO_NEEDS.get((op, backend))
-        return unavailable_reason(helper, op, device) if helper else ""
-    raise AssertionError(backend)
+        return "" if loaded else reason
+    if need == "cuda":
+        return "" if device.type == "cuda" else f"it needs CUDA tensors (got {device})"
+    raise AssertionError(need)
+
+
+def unavailable_reason(impl: Implementation, device: torch.device, *, k: int | None = None,
+                       dtype: torch.dtype | None = None, flags: tuple[str, ...] = ()) -> str:
+    """Why ``impl`` cannot run this call on ``device``; "" when it can. ``k`` and
+    ``dtype`` describe the call where the implementation has limits; ``flags`` are the
+    optional flags the call asks for."""
+    for need in impl.needs:
+        problem = _need_problem(need, device)
+        if problem:
+            return problem
+    if k is not None and impl.max_k is not None and k > impl.max_k:
+        return f"it selects at most k={impl.max_k} (asked k={k})"
+    if dtype == torch.float64 and not impl.float64:
+        return "it takes float32, float16 and bfloat16 inputs, not float64"
+    missing = [flag for flag in flags if flag not in impl.flags]
+    if missing:
+        return f"it does not honour {', '.join(missing)}"
+    return ""
 
 
 @functools.lru_cache(maxsize=None)
-def _log_fallback_once(op: str, backend: str, reason: str, chosen: str) -> None:
-    log.info("saeengine: %s: %s backend unavailable (%s); using %s", op, backend, reason, chosen)
+def _log_once(message: str) -> None:
+    log.info("saeengine: %s", message)
 
 
-def resolve_backend(requested: str, op: str, device: torch.device) -> str:
-    """Return the backend that will run ``op`` on ``device``; see the module docstring."""
-    if requested not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend={requested!r} is not one of 'auto', {', '.join(map(repr, BACKENDS))}")
+def _requested(requested: str, op: str) -> str:
+    """The name that applies to ``op``: "auto", or an implementation name of ``op``."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    requested = requested.strip().lower()
     if requested == "auto":
         override = os.environ.get("SAEENGINE_BACKEND", "").strip().lower()
-        if override and override != "auto":
-            if override not in BACKENDS:
-                raise ValueError(f"SAEENGINE_BACKEND={override!r} is not one of 'auto', {', '.join(BACKENDS)}")
-            if override in OP_BACKENDS[op]:  # ops without that backend keep the automatic choice
-                requested = override
-    if requested != "auto":
-        reason = unavailable_reason(requested, op, device)
-        if reason:
-            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
+        if not override or override == "auto":
+            return "auto"
+        if not _known_anywhere(override):
+            raise ValueError(f"SAEENGINE_BACKEND={override!r} names no implementation; use 'auto', a family "
+                             f"({', '.join(FAMILIES)}) or an implementation name ({', '.join(_all_names())})")
+        # An override applies to the ops that have that name; the others choose automatically.
+        return _name_for(override, op) or "auto"
+    name = _name_for(requested, op)
+    if name is None and requested in FAMILIES:
+        raise BackendUnavailableError(f"{op} has no {requested} implementation (its implementations: "
+                                      f"{', '.join(names(op))})")
+    if name is None:
+        raise ValueError(f"backend={requested!r} is not an implementation of {op}: use 'auto', "
+                         f"{', '.join(map(repr, names(op)))} or a family ({', '.join(FAMILIES)})")
+    return name
+
+
+def _name_for(requested: str, op: str) -> str | None:
+    if requested in names(op):
         return requested
-    # Automatic choice: CPU tensors use the reference unless interpreting was asked for
-    # explicitly (the interpreter is a testing tool, far slower than torch on CPU).
-    candidates = OP_BACKENDS[op] if device.type == "cuda" else ("torch",)
-    for backend in candidates:
-        reason = ("its GPU tests have not run on a GPU yet; pass it explicitly to use it"
-                  if (op, backend) in AWAITING_GPU_VALIDATION else unavailable_reason(backend, op, device))
+    if requested in FAMILIES:
+        family = [impl.name for impl in _implementations(op) if impl.family == requested]
+        if family:
+            return family[0]
+    return None
+
+
+def _all_names() -> list[str]:
+    return sorted({impl.name for impls in IMPLEMENTATIONS.values() for impl in impls})
+
+
+def _known_anywhere(name: str) -> bool:
+    return name in FAMILIES or name in _all_names()
+
+
+def choose(requested: str, op: str, device: torch.device | str, *, k: int | None = None,
+           dtype: torch.dtype | None = None, flags: tuple[str, ...] = (),
+           candidates: tuple[str, ...] | None = None) -> Implementation:
+    """The implementation of ``op`` that runs this call (see the module docstring).
+
+    ``k``, ``dtype`` and ``flags`` describe the call (limits and optional flags);
+    ``candidates`` restricts what "auto" may take (a plan's own rule, e.g. no fused
+    selection of wide subset codes), in that order.
+    """
+    device = torch.device(device)
+    name = _requested(requested, op)
+    if name != "auto":
+        impl = implementation(op, name)
+        reason = unavailable_reason(impl, device, k=k, dtype=dtype, flags=flags)
+        if reason:
+            raise BackendUnavailableError(f"{op}: implementation {name!r} is unavailable: {reason}")
+        return impl
+    if device.type != "cuda":  # the interpreter is a testing tool, far slower than torch on CPU
+        return implementation(op, "reference")
+    from saeengine.validation import validation_problem
+
+    order = [implementation(op, n) for n in candidates] if candidates is not None else list(_implementations(op))
+    for impl in order:
+        reason = unavailable_reason(impl, device, k=k, dtype=dtype, flags=flags) or validation_problem(impl)
         if not reason:
-            return backend
-        _log_fallback_once(op, backend, reason, "the next backend")
-    raise AssertionError("the torch backend is always available")
+            return impl
+        _log_once(f"{op}: auto passes over {impl.name!r} ({reason})")
+    return implementation(op, "reference")
+
+
+def resolve_backend(requested: str, op: str, device: torch.device | str, **call) -> str:
+    """The name of the implementation :func:`choose` picks (for the single-part ops)."""
+    return choose(requested, op, device, **call).name
 
 
 def available_backends(op: str, device: torch.device | str) -> list[str]:
-    """Backends that can run ``op`` on ``device`` now (for docs, CLIs and tests)."""
+    """Implementations of ``op`` that can run on ``device`` now (validated or not)."""
     device = torch.device(device)
-    return [b for b in OP_BACKENDS[op] if not unavailable_reason(b, op, device)]
+    return [impl.name for impl in _implementations(op) if not unavailable_reason(impl, device)]

@@ -1,13 +1,15 @@
-"""The SAE module: parameters, normalization, encode / decode / forward.
+"""The SAE module: parameters, normalization, and encode / decode / forward through its
+architecture.
 
 Layout (rows of both weight matrices are latents): W_enc [F, d], b_enc [F],
-W_dec [F, d] with unit-norm rows, b_dec [d]. The fast path never builds the [N, F]
-pre-activation matrix for "topk"; the other architectures use the torch reference.
+W_dec [F, d] with unit-norm rows, b_dec [d]. What differs between architectures (their
+extra state, encoder, penalty and training decode) is one class each in
+:mod:`saeengine.architectures`; the losses are :mod:`saeengine.losses`.
 
-Codes of "relu", "jumprelu" and "batchtopk" have a variable number of active latents
-per token; :meth:`SAE.encode` returns them as a padded :class:`SparseCode` whose width
-is the largest count in the batch (padding slots have value 0), so every architecture
-decodes through the same sparse path.
+Codes: "topk", "batchtopk" and "matryoshka" give a :class:`SparseCode` ([N, k] values
+and latent indices; "batchtopk" pads each batch to its largest count, one host sync);
+"relu" and "jumprelu" give a :class:`~saeengine.architectures.DenseCode` ([N, F]
+activations, decoded by one matmul, no host sync). :meth:`SAE.decode` takes either.
 """
 
 from __future__ import annotations
@@ -19,14 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops
-from .backends import resolve_backend
+from . import losses
+from .architectures import Code, Kernels, auxk_request, check_k, decode_code, get_architecture
 from .config import SAEConfig
 from .ops import _checks
-from .ops.code import SparseCode
-from .ops.jumprelu import jumprelu, step_l0
-
-BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
 
 
 @dataclass
@@ -34,17 +32,19 @@ class ForwardOutput:
     """What :meth:`SAE.forward` returns.
 
     recon: [N, d_in] reconstruction in the raw (un-normalized) input space.
-    code: the sparse code ([N, k]); ``code.aux`` is the AuxK code when computed.
+    code: the code (SparseCode [N, k] or DenseCode [N, F]); ``code.aux`` is the AuxK code
+         when computed.
     fvu: scalar, ||x~ - x^||^2 / ||x~ - mean(x~)||^2 over the batch (normalized space;
-         defined for N >= 2).
+         defined for N >= 2), of the full reconstruction.
     auxk_loss: scalar AuxK loss ||e - e^||^2 / ||x~ - mean(x~)||^2 (0 without dead latents).
-    loss: fvu + aux_alpha * auxk_loss.
+    loss: fvu + aux_alpha * auxk_loss; for "matryoshka" the mean FVU of its prefixes
+         replaces fvu (saeengine.losses).
     sparsity: scalar sparsity penalty of "relu" (L1) and "jumprelu" (L0), else 0. Not in
          ``loss``: its coefficient (and warm-up) is a training setting.
     """
 
     recon: torch.Tensor
-    code: SparseCode
+    code: Code
     fvu: torch.Tensor
     auxk_loss: torch.Tensor
     loss: torch.Tensor
@@ -62,19 +62,12 @@ def _compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     return param_dtype
 
 
-def _padded_code(act: torch.Tensor, backend: str = "auto") -> SparseCode:
-    """Dense non-negative activations [N, F] -> padded SparseCode (one host sync).
-
-    The columns come from ops.topk_select (the CUDA radix select on GPUs); the values are
-    gathered from ``act``, so gradients flow to it."""
-    width = max(int((act > 0).sum(1).max()), 1)
-    select_backend = backend if backend in ("torch", "cuda") else "auto"
-    _, indices = ops.topk_select(act.detach(), width, backend=select_backend)
-    return SparseCode(act.gather(1, indices), indices)
-
-
 class SAE(nn.Module):
     """A sparse autoencoder. ``SAE(cfg)`` initializes; :meth:`load` reads a checkpoint.
+
+    ``sae.architecture`` is the strategy object of ``cfg.architecture``
+    (saeengine.architectures), with ``selects_k`` and ``uses_auxk`` telling whether a k
+    and dead latents apply.
 
     Example::
 
@@ -87,6 +80,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.architecture = get_architecture(cfg.architecture)(cfg)
         dtype = cfg.torch_dtype
         if device is not None and torch.device(device).type == "meta":
             w_dec = torch.empty(cfg.d_sae, cfg.d_in, device="meta")  # shapes only (checkpoint loading)
@@ -101,12 +95,7 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
         self.register_buffer("norm_mean", torch.zeros(cfg.d_in, device=device, dtype=torch.float32))
         self.register_buffer("norm_scale", torch.ones((), device=device, dtype=torch.float32))
-        if cfg.architecture == "jumprelu":
-            init = math.log(cfg.jumprelu_threshold)
-            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init, device=device, dtype=torch.float32))
-        if cfg.architecture == "batchtopk":
-            # NaN until training has seen a batch; inference then uses batch top-k.
-            self.register_buffer("threshold", torch.full((), float("nan"), device=device, dtype=torch.float32))
+        self.architecture.add_state(self, device)
 
     # ----- normalization -------------------------------------------------------------
     @torch.no_grad()
@@ -130,7 +119,15 @@ class SAE(nn.Module):
             return x
         return (x.float() * self.norm_scale + self.norm_mean).to(x.dtype)
 
-    # ----- encode / decode -------------------------------------------------------------
+    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d_in] raw -> (x~ [N, d_in] in fp32, for the losses; x~ cast once to the
+        compute dtype, for the encoder)."""
+        x32 = x.float()
+        if self.cfg.normalization != "none":
+            x32 = (x32 - self.norm_mean) / self.norm_scale
+        return x32, x32.to(_compute_dtype(self.W_enc.dtype, x.device))
+
+    # ----- encode / decode / forward ---------------------------------------------------
     def _check_input(self, x: torch.Tensor, check: bool) -> None:
         _checks.check_matrix("x", x, cols=self.cfg.d_in, what=f"[N, d_in={self.cfg.d_in}]")
         _checks.check_nonempty("x", x)
@@ -141,149 +138,81 @@ class SAE(nn.Module):
         if check:
             _checks.check_finite("x", x)
 
-    def _cast(self, dtype: torch.dtype, *names: str):
-        """The named parameters in the compute dtype (a no-op without autocast)."""
-        return tuple(getattr(self, name).to(dtype) for name in names)
-
-    def _encode_normalized(self, xn: torch.Tensor, dead_latents: torch.Tensor | None, backend: str,
-                           k: int | None = None, sparse_grad: bool = False,
-                           weight_copies: bool = True) -> SparseCode:
-        """``dead_latents`` [S] ascending: AuxK's latents (topk, batchtopk), or None for no AuxK code."""
-        cfg = self.cfg
-        k = k or cfg.k
-        if cfg.architecture == "topk":  # fp32 parameters go in as master weights (no cast copies' grads)
-            return ops.topk_encode(xn, self.W_enc, self.b_enc, k, b_pre=self.b_dec, dead_latents=dead_latents,
-                                   k_aux=cfg.effective_k_aux if dead_latents is not None else 0,
-                                   backend=backend, sparse_grad=sparse_grad, check=False,
-                                   weight_compute=None if weight_copies else self.W_enc.detach())
-        W_enc, b_enc, b_dec = self._cast(xn.dtype, "W_enc", "b_enc", "b_dec")
-        pre = (xn - b_dec) @ W_enc.T + b_enc  # dense [N, F]: reference path of these architectures
-        if cfg.architecture == "relu":
-            act = torch.relu(pre)
-            code = _padded_code(act, backend)
-            code.penalty = act.float().sum(1).mean()  # L1 (decoder rows have unit norm)
-            return code
-        if cfg.architecture == "jumprelu":
-            threshold = self.log_threshold.exp().to(pre.dtype)
-            code = _padded_code(jumprelu(pre, threshold, cfg.jumprelu_bandwidth), backend)
-            code.penalty = step_l0(pre, threshold, cfg.jumprelu_bandwidth).float().sum(1).mean()
-            return code
-        act = torch.relu(pre)
-        code = self._batchtopk(act, k)
-        if dead_latents is not None:  # non-empty, with k_aux >= 1 (SAE.forward sees to it)
-            values, positions = act[:, dead_latents].topk(min(cfg.effective_k_aux, dead_latents.numel()), dim=1)
-            code.aux = SparseCode(values, dead_latents[positions])
-        return code
-
-    def _batchtopk(self, act: torch.Tensor, k: int) -> SparseCode:
-        n = act.shape[0]
-        if not self.training and not bool(torch.isnan(self.threshold)):
-            return _padded_code(torch.where(act > self.threshold.to(act.dtype), act, torch.zeros_like(act)))
-        flat = act.reshape(-1)
-        values, positions = flat.topk(min(n * k, flat.numel()))
-        kept = torch.zeros_like(flat).scatter(0, positions, values).reshape(act.shape)
-        if self.training:
-            with torch.no_grad():  # EMA of the smallest kept activation, with no host sync
-                positive = torch.where(values > 0, values, torch.full_like(values, float("inf")))
-                low, old = positive.min().float(), self.threshold
-                m = BATCHTOPK_THRESHOLD_MOMENTUM
-                updated = torch.where(torch.isnan(old), low, m * old + (1 - m) * low)
-                self.threshold.copy_(torch.where(torch.isfinite(low), updated, old))
-        return _padded_code(kept)
-
-    def _dense_auxk(self, dead_latents: torch.Tensor | None, k_dead: int, backend: str, device: torch.device) -> bool:
-        """Whether this step's AuxK code (width k_dead) goes through dense GEMMs over the dead
-        latents (a TopK SAE on a GPU backend with few enough dead: see
-        saeengine.ops.dense_auxk) rather than through the encoder's sparse kernels."""
-        if dead_latents is None or self.cfg.architecture != "topk":
-            return False
-        if resolve_backend(backend, "topk_encode", device) == "torch":
-            return False
-        return ops.use_dense_auxk(dead_latents.numel(), k_dead)
-
-    def _dead_list(self, x: torch.Tensor, dead_mask: torch.Tensor | None, dead_latents: torch.Tensor | None,
-                   check: bool) -> torch.Tensor | None:
-        """AuxK's dead latents [S] ascending (None when AuxK is off), from either form;
-        ``check`` also checks a given list's shape, dtype and range (a host sync)."""
-        if dead_mask is None and dead_latents is None:
-            return None
-        if self.cfg.architecture not in ("topk", "batchtopk"):
-            raise ValueError(f"dead_mask/AuxK applies to topk and batchtopk SAEs, not {self.cfg.architecture!r}")
-        if dead_mask is not None and dead_latents is not None:
-            raise ValueError("give the dead latents as dead_mask or as dead_latents, not both")
-        if dead_latents is not None:
-            if dead_latents.device != x.device:
-                raise ValueError(f"dead_latents is on {dead_latents.device} but x is on {x.device}; move one of them")
-            if check:
-                _checks.check_latent_list("dead_latents", dead_latents, self.cfg.d_sae)
-            return dead_latents
-        _checks.check_vector("dead_mask", dead_mask, self.cfg.d_sae)
-        if dead_mask.dtype != torch.bool or dead_mask.device != x.device:
-            raise ValueError(f"dead_mask must be a bool tensor on {x.device}; got {dead_mask.dtype} on {dead_mask.device}")
-        return torch.nonzero(dead_mask).squeeze(1)  # the one host sync of AuxK: the list's length
-
-    def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> SparseCode:
-        """x [N, d_in] raw activations -> SparseCode (values, indices [N, k]).
+    def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> Code:
+        """x [N, d_in] raw activations -> the code: SparseCode (values, indices [N, k]) or
+        DenseCode (values [N, F]; "relu", "jumprelu").
 
         ``check`` raises on non-finite activations (one host sync).
         """
         self._check_input(x, check)
-        xn = self.normalize(x.to(_compute_dtype(self.W_enc.dtype, x.device)))
-        return self._encode_normalized(xn, None, backend)
+        _, xn = self._normalized(x)
+        return self.architecture.encode(self, xn, k=self.cfg.k, auxk=None, kernels=Kernels(backend)).code
 
-    def decode(self, code: SparseCode, *, backend: str = "auto") -> torch.Tensor:
-        """SparseCode -> [N, d_in] reconstruction in the raw input space."""
-        out = ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec, backend=backend,
-                                latent_index=code.latent_index)
-        return self.denormalize(out)
+    def decode(self, code: Code, *, backend: str = "auto") -> torch.Tensor:
+        """A SparseCode or a DenseCode -> [N, d_in] reconstruction in the raw input space
+        (the full dictionary, for every architecture)."""
+        return self.denormalize(decode_code(self, code, backend))
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
                 backend: str = "auto", check: bool = True, k: int | None = None,
-                sparse_grad: bool = False, weight_copies: bool = True,
+                sparse_grad: bool = False, weight_copies: bool | None = None,
                 dead_latents: torch.Tensor | None = None) -> ForwardOutput:
-        """x [N, d_in]; dead_mask [d_sae] bool marks dead latents for AuxK (topk, batchtopk;
-        listing them is one host sync), or ``dead_latents`` [S] int64 ascending lists them
-        (no sync: the trainer lists them ahead, see saeengine.optim.dead_latents_later);
-        ``k`` overrides cfg.k for this call (k annealing in the trainer); ``sparse_grad``
-        makes W_enc's and W_dec's gradients sparse COO tensors of the chosen latents' rows
-        on the GPU paths (for RowSparseAdam; no [d_sae, d_in] gradient buffers);
-        ``weight_copies=False`` lets the GPU kernels read the fp32 W_enc and W_dec directly
-        instead of one compute-dtype copy of each per call (under bf16 autocast: 2 bytes
-        per weight less; slower where the gathers of wide AuxK codes dominate)."""
+        """Normalize (fp32, cast once to the compute dtype) -> encode -> decode -> losses.
+
+        Args:
+            x: [N, d_in] raw activations (N >= 2 for a defined FVU).
+            dead_mask: [d_sae] bool, True for dead latents: AuxK over them (architectures
+                with ``uses_auxk``); listing them is one host sync.
+            backend: op backend (see saeengine.backends).
+            check: raise on non-finite x, and validate ``dead_latents`` (host syncs).
+            k: overrides cfg.k for this call (k annealing in the trainer; architectures
+                with ``selects_k``), in [1, d_sae].
+            sparse_grad: W_enc's and W_dec's gradients become sparse COO tensors of the
+                chosen latents' rows on the GPU paths of the sparse codes (for
+                RowSparseAdam; no [d_sae, d_in] gradient buffers). Dense codes give
+                dense gradients.
+            weight_copies: under mixed precision, True gives the GPU kernels one
+                compute-dtype copy of W_enc and W_dec per call (fastest), False lets them
+                read the fp32 weights directly (2 bytes per weight less; slower where the
+                gathers of wide AuxK codes dominate), None (default) lets the op plans
+                choose from the GPU's memory.
+            dead_latents: [S] int64 ascending, the dead latents listed instead of
+                ``dead_mask`` (no sync: the trainer lists them ahead, see
+                saeengine.optim.dead_latents_later).
+        Returns:
+            :class:`ForwardOutput` (recon [N, d_in] in x's dtype, the code, scalar fvu,
+            auxk_loss, loss and sparsity).
+        """
         self._check_input(x, check)
-        if k is not None and (self.cfg.architecture not in ("topk", "batchtopk") or not 1 <= k <= self.cfg.d_sae):
-            raise ValueError(f"k={k} applies to topk and batchtopk SAEs and must lie in [1, d_sae={self.cfg.d_sae}]"
-                             f" (this SAE is {self.cfg.architecture!r})")
-        # None when nothing is dead (or k_aux = 0): no AuxK code
-        dead, k_dead = ops.auxk_latents(self._dead_list(x, dead_mask, dead_latents, check), self.cfg.effective_k_aux)
-        dtype = _compute_dtype(self.W_enc.dtype, x.device)
-        xn = self.normalize(x.to(dtype))
-        dense_aux = self._dense_auxk(dead, k_dead, backend, x.device)
-        code = self._encode_normalized(xn, None if dense_aux else dead, backend, k, sparse_grad, weight_copies)
-        codes = [(code.values, code.indices, code.latent_index)]
-        if code.aux is not None:  # one decode node for both codes: one W_dec gradient buffer
-            codes.append((code.aux.values, code.aux.indices, code.aux.latent_index))
-        x_hat, *aux_out = ops.sparse_decode_codes(codes, self.W_dec, self.b_dec, backend=backend,
-                                                  sparse_grad=sparse_grad,
-                                                  weight_compute=None if weight_copies else self.W_dec.detach())
-        if dense_aux:
-            code.aux, e_hat = ops.auxk_dense(xn - self.b_dec.to(xn.dtype), self.W_enc, self.b_enc, self.W_dec,
-                                             dead, k_dead)
-            aux_out = [e_hat]
-        xn32 = xn.float()
-        err = xn32 - x_hat.float()
-        total_var = (xn32 - xn32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
-        fvu = err.pow(2).sum() / total_var
-        auxk = torch.zeros((), device=x.device)
-        if aux_out:
-            e_hat = aux_out[0]
-            # Scaled by min(#dead / k_aux, 1) (the aux width over k_aux): a handful of dead
-            # latents should not carry the full weight of the loss.
-            scale = code.aux.values.shape[1] / self.cfg.effective_k_aux
-            auxk = scale * (err.detach() - e_hat.float()).pow(2).sum() / total_var
-        loss = fvu + self.cfg.aux_alpha * auxk
-        sparsity = code.penalty if code.penalty is not None else torch.zeros((), device=x.device)
-        return ForwardOutput(self.denormalize(x_hat.to(x.dtype)), code, fvu, auxk, loss, sparsity)
+        check_k(self.architecture, k)
+        # None when AuxK is off, or nothing is dead (or k_aux = 0)
+        auxk = auxk_request(self.architecture, x, dead_mask, dead_latents, check)
+        kernels = Kernels(backend, sparse_grad, weight_copies)
+        x32, xn = self._normalized(x)
+        encoding = self.architecture.encode(self, xn, k=k or self.cfg.k, auxk=auxk, kernels=kernels)
+        rec = self.architecture.reconstruct(self, xn, encoding, kernels)
+        aux_width = encoding.code.aux.values.shape[1] if rec.aux is not None else 0
+        terms = losses.sae_losses(x32, rec.recons, rec.aux, aux_width, self.cfg.effective_k_aux, self.cfg.aux_alpha)
+        sparsity = encoding.penalty if encoding.penalty is not None else torch.zeros((), device=x.device)
+        return ForwardOutput(self.denormalize(rec.recons[-1].to(x.dtype)), encoding.code, terms.fvu, terms.auxk,
+                             terms.loss, sparsity)
+
+    # ----- parameter roles (what optimizers and resampling read) -------------------------
+    def parameter_roles(self) -> dict[str, str]:
+        """Each parameter's role, by name, for optimizers and resampling (none of them
+        hard-codes parameter names):
+
+        - ``"encoder_rows"``: indexed by latent in dim 0 (W_enc [F, d], b_enc [F],
+          log_threshold [F]); a latent that did not fire gets no gradient there.
+        - ``"decoder_rows"``: W_dec [F, d]; rows kept at unit norm, the gradient component
+          parallel to each row removed.
+        - ``"dense"``: everything else (b_dec [d]), updated every step.
+        """
+        roles = {}
+        for name, _ in self.named_parameters():
+            roles[name] = ("decoder_rows" if name == "W_dec" else
+                           "encoder_rows" if name in ("W_enc", "b_enc", "log_threshold") else "dense")
+        return roles
 
     # ----- decoder constraints (used by the trainer) -------------------------------------
     @torch.no_grad()

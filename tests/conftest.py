@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
+
+# @pytest.mark.validates("op/name") and the GPU validation record (SAEENGINE_RECORD_VALIDATION).
+pytest_plugins = ["validation_plugin"]
 
 HAS_CUDA = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU counterpart runs the interpreter")
@@ -20,22 +24,70 @@ def kernel_device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Fill every torch.empty allocation with NaN (floats) or -7 (ints), so a kernel that
-    leaves part of its output unwritten fails loudly."""
-    original = torch.empty
+POISON_CANARY = 64  # elements past the end of each fresh allocation, checked after the test
 
-    def poisoned(*args, **kwargs):
-        t = original(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7)
+
+def _poison_value(dtype):
+    return float("nan") if dtype.is_floating_point else -7
+
+
+def _canary_value(dtype):
+    return 1234.5 if dtype.is_floating_point else -99
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every test: fill each fresh allocation from torch.empty, torch.empty_like and
+    Tensor.new_empty with NaN (floats) or -7 (ints), so a kernel that leaves part of its
+    output unwritten fails loudly; and give plain torch.empty allocations a canary of
+    POISON_CANARY elements past their end, checked after the test, so a kernel that
+    writes out of bounds fails too."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    canaries = _Canaries()
+
+    def poison(t):
+        if t.dtype != torch.bool and not t.is_complex() and t.layout == torch.strided:
+            with torch.no_grad():
+                t.fill_(_poison_value(t.dtype))
         return t
 
-    monkeypatch.setattr(torch, "empty", poisoned)
-    yield
+    def with_canary(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        plain = (all(isinstance(s, int) for s in shape) and kwargs.get("out") is None
+                 and not kwargs.get("requires_grad") and kwargs.get("layout", torch.strided) == torch.strided
+                 and kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format)
+        dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        if not plain or dtype == torch.bool or dtype.is_complex:
+            return poison(empty(*size, **kwargs))
+        numel = 1
+        for s in shape:
+            numel *= s
+        kwargs.pop("memory_format", None)
+        buffer = empty(numel + POISON_CANARY, **kwargs)
+        if buffer.is_meta or isinstance(buffer, FakeTensor):  # shapes only (fake kernels, meta init)
+            return empty(*size, **kwargs)
+        poison(buffer)
+        with torch.no_grad():
+            buffer[numel:] = _canary_value(dtype)
+        canaries.append((buffer, numel))
+        return buffer[:numel].view(shape)
+
+    monkeypatch.setattr(torch, "empty", with_canary)
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(new_empty(self, *a, **k)))
+    yield canaries
+    monkeypatch.undo()
+    canaries.check()
+
+
+class _Canaries(list):
+    """(buffer, numel) of each canaried allocation of a test."""
+
+    def check(self) -> None:
+        for buffer, numel in self:
+            tail = buffer[numel:]
+            assert bool((tail == _canary_value(tail.dtype)).all()), \
+                f"something wrote past the end of a fresh [{numel}] {tail.dtype} allocation"
 
 
 def pre_activations64(x, W_enc, b_enc, b_pre=None):

@@ -43,6 +43,7 @@ def test_fake_kernel_gives_output_shape():
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k,d,f", [(1, 1, 72, 100), (4096, 32, 1024, 2**16), (37, 5, 70, 333)])
+@pytest.mark.validates("sparse_decode/cuda")
 def test_cuda_sparse_decode_matches_reference(dtype, n, k, d, f):
     values = torch.rand(n, k, device="cuda").to(dtype)
     indices = torch.randint(0, f, (n, k), device="cuda")
@@ -57,6 +58,7 @@ def test_cuda_sparse_decode_matches_reference(dtype, n, k, d, f):
 
 @requires_gpu
 @requires_extension
+@pytest.mark.validates("sparse_decode/cuda")
 def test_cuda_sparse_decode_opcheck():
     values = torch.rand(8, 4, device="cuda", requires_grad=True)
     indices = torch.randint(0, 20, (8, 4), device="cuda")
@@ -110,6 +112,7 @@ def test_cuda_backend_on_cpu_is_refused_with_reason():
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k,d,f", [(1, 1, 72, 100), (4096, 32, 1024, 2**16), (37, 5, 70, 333)])
+@pytest.mark.validates("sparse_decode/cuda")
 def test_cuda_sparse_decode_backward_matches_reference_and_repeats(dtype, n, k, d, f):
     values = torch.rand(n, k, device="cuda").to(dtype)
     indices = torch.randint(0, f, (n, k), device="cuda")
@@ -131,6 +134,7 @@ def test_cuda_sparse_decode_backward_matches_reference_and_repeats(dtype, n, k, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,f,k", [(1, 1, 1), (7, 333, 333), (64, 5000, 32), (5, 5001, 300), (4096, 2**18, 32),
                                    (3, 70_000, 1024)])
+@pytest.mark.validates("topk_select/radix")
 def test_cuda_topk_select_matches_torch(dtype, n, f, k):
     x = torch.randn(n, f, device="cuda").to(dtype)
     values, indices = ops.topk_select(x, k, backend="cuda")
@@ -146,6 +150,7 @@ def test_cuda_topk_select_matches_torch(dtype, n, f, k):
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [32, 700])
+@pytest.mark.validates("topk_select/radix")
 def test_cuda_topk_select_heavy_ties_pick_the_lower_columns(dtype, k):
     """Integer data: hundreds of ties at the k-th place, so both the threshold fast path and
     the radix fallback run; the answer must be the stable descending order's first k."""
@@ -160,6 +165,7 @@ def test_cuda_topk_select_heavy_ties_pick_the_lower_columns(dtype, k):
 
 @requires_gpu
 @requires_extension
+@pytest.mark.validates("topk_select/radix")
 def test_cuda_topk_select_ties_nan_and_many_equal_values():
     x = torch.zeros(3, 10_000, device="cuda")
     x[1, 17] = float("nan")
@@ -173,6 +179,7 @@ def test_cuda_topk_select_ties_nan_and_many_equal_values():
 @requires_gpu
 @requires_extension
 @pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.validates("row_sparse_adam/cuda")
 def test_cuda_row_sparse_adam_matches_reference(moment_dtype):
     from saeengine import SAE, SAEConfig
     from saeengine.optim import RowSparseAdam
@@ -198,6 +205,7 @@ def test_cuda_row_sparse_adam_matches_reference(moment_dtype):
 
 @requires_gpu
 @requires_extension
+@pytest.mark.validates("resample_dead/cuda", "mark_fired/cuda")
 def test_cuda_resample_and_mark_fired_match_reference():
     from saeengine import SAE, SAEConfig
     from saeengine.optim import RowSparseAdam, mark_fired_, resample_dead_latents_
@@ -227,6 +235,8 @@ def test_cuda_resample_and_mark_fired_match_reference():
 
 @requires_gpu
 @requires_extension
+@pytest.mark.validates("sparse_decode/cuda", "topk_select/radix", "row_sparse_adam/cuda", "mark_fired/cuda",
+                        "resample_dead/cuda")
 def test_cuda_ops_pass_opcheck():
     values = torch.rand(8, 4, device="cuda")
     indices = torch.randint(0, 20, (8, 4), device="cuda")
@@ -250,6 +260,7 @@ def test_cuda_ops_pass_opcheck():
 
 @requires_gpu
 @requires_extension
+@pytest.mark.validates("topk_select/radix")
 def test_relu_sae_codes_use_cuda_select_and_keep_gradients():
     from saeengine import SAE, SAEConfig
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from saeengine import SAE, SAEConfig, ops
-from saeengine.ops.topk_encode import _encode_sparse
-from saeengine.ops.gemm_topk import chunk_columns, gemm_topk_encode
+from saeengine.ops.topk_encode.autograd import Selection, encode_selections
+from saeengine.ops.topk_encode.chunked import chunk_columns, chunked_topk_encode
 
 from conftest import assert_valid_topk, grads_through, pre_activations64, requires_gpu, sae_grads
 
@@ -36,7 +36,7 @@ def test_chunk_columns_bounds_the_buffer():
 ])
 def test_gemm_topk_is_exact_topk_for_any_chunking(poison_empty, n, d, f, k, chunk_cols):
     x, W, b = _inputs(n, d, f, seed=n * 100 + f)
-    values, indices = gemm_topk_encode(x, W, b, k, chunk_bytes=n * 4 * chunk_cols, select_backend="torch")
+    values, indices = chunked_topk_encode(x, W, b, k, chunk_bytes=n * 4 * chunk_cols, select_backend="torch")
     assert_valid_topk(values, indices, pre_activations64(x, W, b), k, tol=1e-4)
 
 
@@ -44,7 +44,7 @@ def test_gemm_topk_subset_chooses_only_subset_latents(poison_empty):
     n, d, f, k = 6, 24, 90, 10
     x, W, b = _inputs(n, d, f, seed=3)
     subset = torch.arange(1, f, 3)
-    values, indices = gemm_topk_encode(x, W, b, k, subset, chunk_bytes=n * 4 * 4, select_backend="torch")
+    values, indices = chunked_topk_encode(x, W, b, k, subset, chunk_bytes=n * 4 * 4, select_backend="torch")
     assert bool(torch.isin(indices, subset).all())
     pre = pre_activations64(x, W, b)[:, subset]
     assert_valid_topk(values, torch.searchsorted(subset, indices), pre, k, tol=1e-4)
@@ -55,12 +55,13 @@ def test_gemm_topk_values_are_relu_when_fewer_than_k_are_positive():
     x, W, _ = _inputs(3, 8, 20, seed=4)
     b = torch.full((20,), -100.0)
     b[:2] = 100.0
-    values, _ = gemm_topk_encode(x, W, b, 5, chunk_bytes=3 * 4 * 6, select_backend="torch")
+    values, _ = chunked_topk_encode(x, W, b, 5, chunk_bytes=3 * 4 * 6, select_backend="torch")
     assert (values[:, :2] > 0).all() and (values[:, 2:] == 0).all()
 
 
+@pytest.mark.validates("topk_encode/chunked")
 def test_gemm_forward_with_sparse_backward_matches_reference(kernel_device):
-    """The "gemm" selection wired through the shared autograd node (main + AuxK codes):
+    """The "chunked" selection wired through the shared autograd node (main + AuxK codes):
     same codes and gradients as autograd through the reference. The backward kernels run
     under the Triton interpreter on CPU."""
     n, d, f, k, k_aux = 12, 40, 150, 6, 10  # k_aux < the positive entries among 38 dead: no zero ties
@@ -72,7 +73,8 @@ def test_gemm_forward_with_sparse_backward_matches_reference(kernel_device):
         return codes, sum((code.values * w).sum() for code, w in zip(codes, weights))
 
     def ours(x, W, b):
-        return weighted(_encode_sparse(x, W, W.detach(), b, [(k, None), (k_aux, dead)], "gemm"))
+        return weighted(encode_selections(x, W, W.detach(), b, [Selection(k, None, "chunked", "reference"),
+                                                                Selection(k_aux, dead, "chunked", "reference")]))
 
     def reference(x, W, b):
         return weighted([ops.SparseCode(*ops.topk_encode_ref(x, W, b, k)),
@@ -89,6 +91,7 @@ def test_gemm_forward_with_sparse_backward_matches_reference(kernel_device):
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.validates("topk_encode/chunked")
 def test_gemm_topk_gpu_real_shapes_and_overlap_is_bitwise_equal(dtype):
     """Tolerance from the precision baseline (twice torch's own error in the dtype); the
     two-stream overlap gives the same bits as the serial loop."""
@@ -97,16 +100,17 @@ def test_gemm_topk_gpu_real_shapes_and_overlap_is_bitwise_equal(dtype):
     W = (torch.randn(f, d, device="cuda") / d**0.5).to(dtype)
     b = (0.01 * torch.randn(f, device="cuda")).to(dtype)
     chunk = n * x.element_size() * 10_000
-    values, indices = gemm_topk_encode(x, W, b, k, chunk_bytes=chunk)
+    values, indices = chunked_topk_encode(x, W, b, k, chunk_bytes=chunk)
     pre64 = pre_activations64(x, W, b)
     tol = 2 * (torch.relu(x @ W.T + b).double() - pre64).abs().max().item() + 1e-6
     assert_valid_topk(values, indices, pre64, k, tol=tol)
-    v2, i2 = gemm_topk_encode(x, W, b, k, chunk_bytes=chunk, overlap=True)
+    v2, i2 = chunked_topk_encode(x, W, b, k, chunk_bytes=chunk, overlap=True)
     torch.cuda.synchronize()
     assert torch.equal(values, v2) and torch.equal(indices, i2)
 
 
 @requires_gpu
+@pytest.mark.validates("topk_encode/chunked", "sparse_decode/cuda")
 def test_sae_cuda_backend_matches_triton_and_repeats():
     sae = SAE(SAEConfig(d_in=1024, d_sae=2**14, k=32), device="cuda", seed=0)
     x = torch.randn(2048, 1024, device="cuda")

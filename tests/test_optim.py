@@ -6,8 +6,8 @@ import torch
 
 from saeengine import SAE, SAEConfig
 from saeengine.ops import SparseCode
-from saeengine.optim import (RowSparseAdam, clip_grad_norm_, dead_latents_later, fired_rows, latent_grad_rows,
-                             resample_dead_latents_)
+from saeengine.optim import (DenseAdam, RowSparseAdam, clip_grad_norm_, dead_latents_later, fired_rows,
+                             latent_grad_rows, resample_dead_latents_)
 from saeengine.syncs import count_host_syncs
 
 
@@ -41,9 +41,10 @@ def test_row_sparse_adam_matches_torch_adam_on_its_rows():
         for p, q in zip(ref.parameters(), ours.parameters()):
             p.grad = q.grad.clone()
         opt.step(rows)
-        ref.remove_parallel_grad_()
-        torch_opt.step()
-        ref.normalize_decoder_()
+        with torch.no_grad():  # the decoder constraints, written out
+            ref.W_dec.grad -= (ref.W_dec.grad * ref.W_dec).sum(1, keepdim=True) * ref.W_dec
+            torch_opt.step()
+            ref.W_dec /= ref.W_dec.norm(dim=1, keepdim=True)
     for name in ("W_enc", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(ours, name)[rows] if name != "b_dec" else ours.b_dec,
                                    getattr(ref, name)[rows] if name != "b_dec" else ref.b_dec,
@@ -76,7 +77,7 @@ def test_rows_without_gradient_are_untouched_and_keep_their_moments():
 def test_resampling_sets_exactly_the_dead_rows(use_row_sparse):
     gen = torch.Generator().manual_seed(2)
     sae = make_sae()
-    opt = RowSparseAdam(sae, lr=1e-2) if use_row_sparse else torch.optim.Adam(sae.parameters(), lr=1e-2)
+    opt = RowSparseAdam(sae, lr=1e-2) if use_row_sparse else DenseAdam(sae, lr=1e-2)
     random_grads(sae, torch.arange(40), gen)
     opt.step(torch.arange(40)) if use_row_sparse else opt.step()
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
@@ -102,7 +103,11 @@ def test_resampling_sets_exactly_the_dead_rows(use_row_sparse):
             assert opt.state[name]["v"][~dead].all()
     else:
         for p in (sae.W_enc, sae.b_enc, sae.W_dec):
-            assert not opt.state[p]["exp_avg"][dead].any() and not opt.state[p]["exp_avg_sq"][dead].any()
+            state = opt.adam.state[p]
+            assert not state["exp_avg"][dead].any() and not state["exp_avg_sq"][dead].any()
+            assert state["exp_avg_sq"][~dead].all()
+    with pytest.raises(TypeError, match="wrap torch.optim.Adam as saeengine.optim.DenseAdam"):
+        resample_dead_latents_(sae, torch.optim.Adam(sae.parameters()), dead, x, losses)
 
 
 def test_row_sparse_adam_state_round_trip():
@@ -196,8 +201,9 @@ def _as_sparse_rows(dense: torch.Tensor, rows: torch.Tensor, extra: torch.Tensor
                                    torch.cat([p[1] for p in pieces]), dense.shape, check_invariants=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU; the torch backend is the CPU counterpart"))])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=[pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; the torch backend is the CPU counterpart"),
+    pytest.mark.validates("row_sparse_adam/cuda")])])
 def test_row_sparse_adam_takes_sparse_weight_gradients(backend):
     """Sparse COO weight gradients (no [F, d] buffer) give the same step as dense ones,
     clipping included; rows listed but absent from the sparse gradient count as zero."""
@@ -250,12 +256,12 @@ def test_latent_grad_rows_gathers_from_dense_and_sparse():
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense_grads", "sparse_grads"])
 def test_row_sparse_adam_fused_clipping_matches_clip_then_step(sparse):
-    """step(rows, max_grad_norm) clips over the gathered rows: the same step as
+    """step(rows) with max_grad_norm clips over the gathered rows: the same step as
     clip_grad_norm_ followed by step(rows) when the unlisted rows have no gradient, with
     the norm returned; without clipping it returns None."""
     gen = torch.Generator().manual_seed(7)
     fused, ref = make_sae(), make_sae()
-    opts = RowSparseAdam(fused, lr=1e-2), RowSparseAdam(ref, lr=1e-2)
+    opts = RowSparseAdam(fused, lr=1e-2, max_grad_norm=0.5), RowSparseAdam(ref, lr=1e-2)
     for step in range(3):
         rows = torch.randperm(40, generator=gen)[:11].sort().values
         random_grads(ref, rows, gen)
@@ -267,12 +273,12 @@ def test_row_sparse_adam_fused_clipping_matches_clip_then_step(sparse):
             dict(fused.named_parameters())[name].grad = grad
         norm_ref = clip_grad_norm_(ref.parameters(), 0.5)
         opts[1].step(rows)
-        norm = opts[0].step(rows, max_grad_norm=0.5)
+        norm = opts[0].step(rows)
         torch.testing.assert_close(norm, norm_ref)
         assert float(norm) > 0.5
         for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
-    assert opts[0].step(rows) is None
+    assert opts[1].step(rows) is None
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -298,3 +304,119 @@ def test_fired_rows_and_dead_latents_are_listed_without_a_sync(device):
     assert torch.equal(fired_rows(code, f).get(), rows)
     none_fired = SparseCode(-code.values.abs(), code.indices)
     assert fired_rows(none_fired, f).get().numel() == 0
+
+
+def test_dense_adam_is_torch_adam_with_the_constraints_written_out():
+    """DenseAdam's step: parallel-gradient removal on the decoder, clipping over every
+    parameter, torch Adam, unit-norm decoder rows; bit for bit that sequence by hand."""
+    gen = torch.Generator().manual_seed(5)
+    ours, ref = make_sae(), make_sae()
+    opt = DenseAdam(ours, lr=1e-2, betas=(0.8, 0.99), max_grad_norm=0.5)
+    torch_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.8, 0.99))
+    for _ in range(3):
+        random_grads(ours, torch.arange(40), gen)
+        for p, q in zip(ref.parameters(), ours.parameters()):
+            p.grad = q.grad.clone() * 3.0
+            q.grad.mul_(3.0)
+        norm = opt.step()
+        with torch.no_grad():
+            ref.W_dec.grad -= (ref.W_dec.grad * ref.W_dec).sum(1, keepdim=True) * ref.W_dec
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+            torch_opt.step()
+            ref.W_dec /= ref.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        assert float(norm) > 0.5 and torch.equal(norm, ref_norm)
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            assert torch.equal(p, q), name
+    assert DenseAdam(ours, lr=1e-2).step() is None  # no clipping: no norm
+
+
+class _Renamed(torch.nn.Module):
+    """An SAE-shaped module whose parameters have other names: optimizers must find the
+    decoder by its role."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.atoms = torch.nn.Parameter(torch.eye(4)[torch.arange(10) % 4])     # decoder rows (unit, axis-aligned)
+        self.probe = torch.nn.Parameter(torch.eye(4)[torch.arange(10) % 4])     # encoder rows, the same values
+        self.offset = torch.nn.Parameter(torch.randn(4, generator=gen))         # dense
+
+    def parameter_roles(self):
+        return {"atoms": "decoder_rows", "probe": "encoder_rows", "offset": "dense"}
+
+
+@pytest.mark.parametrize("kind", ["dense", "row_sparse"])
+def test_optimizers_apply_the_constraints_by_role_not_by_name(kind):
+    module = _Renamed()
+    opt = DenseAdam(module, lr=0.1) if kind == "dense" else RowSparseAdam(module, lr=0.1)
+    rows = torch.arange(10)
+    before = module.atoms.detach().clone()
+    # A gradient along each row (exactly removable: rows are axis-aligned) to both matrices.
+    along = before * torch.arange(1.0, 11.0)[:, None]
+    module.atoms.grad, module.probe.grad, module.offset.grad = along.clone(), along.clone(), torch.ones(4)
+    opt.step(rows)
+    assert torch.equal(module.atoms.detach(), before)      # the decoder's parallel gradient was removed
+    assert not torch.equal(module.probe.detach(), before)  # the encoder's was not
+    gen = torch.Generator().manual_seed(1)
+    module.atoms.grad, module.probe.grad = torch.randn(10, 4, generator=gen), torch.randn(10, 4, generator=gen)
+    opt.step(rows)
+    torch.testing.assert_close(module.atoms.norm(dim=1), torch.ones(10))   # decoder rows projected back
+    assert (module.probe.norm(dim=1) - 1).abs().max() > 0.05               # encoder rows left alone
+    bad = _Renamed()
+    bad.parameter_roles = lambda: {"atoms": "decoder", "probe": "encoder_rows", "offset": "dense"}
+    with pytest.raises(ValueError, match="roles"):
+        DenseAdam(bad, lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["dense", "row_sparse"])
+def test_reset_rows_zeroes_the_flagged_latents_state_without_a_sync(kind):
+    gen = torch.Generator().manual_seed(6)
+    sae = make_sae()
+    opt = DenseAdam(sae, lr=1e-2) if kind == "dense" else RowSparseAdam(sae, lr=1e-2)
+    random_grads(sae, torch.arange(40), gen)
+    opt.step(torch.arange(40))
+    before = {name: [t.clone() for t in opt.row_moments(name)] for name in ("W_enc", "b_enc", "W_dec")}
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[3, 17, 39]] = True
+    with count_host_syncs() as syncs:
+        opt.reset_rows_(dead)
+    assert syncs.total == 0, dict(syncs.by_op)
+    for name, moments in before.items():
+        assert len(moments) == 2
+        for old, new in zip(moments, opt.row_moments(name)):
+            assert not new[dead].any() and torch.equal(new[~dead], old[~dead]) and old[dead].all(), name
+    with pytest.raises(ValueError, match=r"\[40\] bool mask"):
+        opt.reset_rows_(torch.zeros(39, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["dense", "row_sparse"])
+def test_optimizer_state_round_trip_resumes_bit_for_bit(kind):
+    def build(sae):
+        return (DenseAdam(sae, lr=1e-2, max_grad_norm=1.0) if kind == "dense"
+                else RowSparseAdam(sae, lr=1e-2, max_grad_norm=1.0))
+
+    def steps(sae, opt, seeds):
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            rows = torch.randperm(40, generator=gen)[:7]
+            random_grads(sae, rows, gen)
+            opt.step(rows)
+
+    straight, resumed = make_sae(), make_sae()
+    opt = build(straight)
+    steps(straight, opt, range(3))
+    saved_sae, saved_opt = {k: v.clone() for k, v in straight.state_dict().items()}, opt.state_dict()
+    steps(straight, opt, range(3, 6))
+    resumed.load_state_dict(saved_sae)
+    fresh = build(resumed)
+    fresh.load_state_dict(saved_opt)
+    steps(resumed, fresh, range(3, 6))
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_row_sparse_adam_needs_the_fired_rows():
+    opt = RowSparseAdam(make_sae(), lr=1e-2)
+    assert opt.needs_rows and opt.sparse_grad and not RowSparseAdam(make_sae(), lr=1e-2, sparse_grad=False).sparse_grad
+    with pytest.raises(ValueError, match="needs rows"):
+        opt.step()

@@ -2,6 +2,7 @@
 sharing batches, initialization, schedules, config errors, the CLI."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -105,31 +106,44 @@ def _write_store(directory, n=20_000, d=16):
         writer.add(data, np.arange(n) // 16, np.arange(n) % 16)
 
 
+KILL_STEPS = 400  # a run long enough to be killed mid-way from outside, short enough to run twice
+
+
 def _train_cmd(store, out, *extra):
     return [sys.executable, "-m", "saeengine.cli", "train", "--data", str(store), "--out-dir", str(out),
-            "--d-sae", "64", "--k", "3", "--batch-size", "64", "--total-tokens", str(64 * 1500), "--lr", "0.003",
-            "--checkpoint-every-tokens", str(64 * 40), "--no-progress", "--device", "cpu", *extra]
+            "--d-sae", "64", "--k", "3", "--batch-size", "64", "--total-tokens", str(64 * KILL_STEPS), "--lr", "0.003",
+            "--checkpoint-every-tokens", str(64 * 20), "--no-progress", "--device", "cpu", *extra]
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path):
+def test_kill_and_resume_is_bit_exact(tmp_path, monkeypatch):
+    """A fresh CLI process killed from outside at a moment it does not choose (mid-step,
+    mid-write or between), then the same command again: it ends bit for bit as the
+    uninterrupted run. Those two run in this process (saeengine.cli.main, no second
+    import), on one thread as the killed one. (tests/test_resume.py kills at each point
+    of the checkpoint write in turn.)"""
+    from saeengine.cli import main
+
     store = tmp_path / "store"
     _write_store(store)
-    uninterrupted = subprocess.run(_train_cmd(store, tmp_path / "a"), capture_output=True, text=True, timeout=300)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
-
-    proc = subprocess.Popen(_train_cmd(store, tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_train_cmd(store, tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     latest = tmp_path / "b" / "checkpoints" / "LATEST"
     deadline = time.time() + 120
-    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-000000200"):
-        time.sleep(0.005)
+    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-000000100"):
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()}"
     killed_at = latest.read_text()
-    assert killed_at < "step-000001500"
+    assert killed_at < f"step-{KILL_STEPS:09d}"
 
-    resumed = subprocess.run(_train_cmd(store, tmp_path / "b"), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_train_cmd(store, tmp_path / "a")[3:]) == 0
+        assert main(_train_cmd(store, tmp_path / "b")[3:]) == 0
+    finally:
+        torch.set_num_threads(threads)
     name = "topk-F64-k3-lr0.003"
     a = load_file(str(tmp_path / "a" / name / "sae.safetensors"))
     b = load_file(str(tmp_path / "b" / name / "sae.safetensors"))
@@ -181,25 +195,27 @@ def test_row_sparse_step_has_no_host_sync(tmp_path, kernel_device, monkeypatch, 
     on a GPU.)"""
     from saeengine.optim import dead_latents_later
     from saeengine.syncs import count_host_syncs
-    from saeengine.trainer import loop
+    from saeengine.trainer import TrainStep, step as step_module
 
     cfg = TrainConfig(d_sae=96, k=4, k_aux=8, auxk=auxk, batch_size=16, total_tokens=64, device=kernel_device.type,
                       backend="triton", optimizer="row_sparse_adam", out_dir=str(tmp_path), progress=False)
-    run = loop._make_run(cfg, 24, kernel_device, tmp_path)
-    run.tokens_seen = cfg.dead_after_tokens
-    run.last_fired[12:] = cfg.dead_after_tokens  # latents 0..11 dead
+    sae = saeengine.SAE(cfg.sae_config(24), device=kernel_device, seed=cfg.seed)
+    train_step = TrainStep(sae, cfg)
+    train_step.tokens_seen = cfg.dead_after_tokens
+    train_step.last_fired[12:] = cfg.dead_after_tokens  # latents 0..11 dead
     x = torch.randn(16, 24, device=kernel_device)
     listings = []
-    monkeypatch.setattr(loop, "dead_latents_later", lambda mask: listings.append(mask.clone()) or
+    monkeypatch.setattr(step_module, "dead_latents_later", lambda mask: listings.append(mask.clone()) or
                         dead_latents_later(mask))
     with count_host_syncs() as syncs:
-        loop._train_step(run, x, 0, kernel_device)
-        loop._train_step(run, x, 1, kernel_device)
-    assert run.sae.W_enc.grad.is_sparse and run.sae.W_dec.grad.is_sparse
+        train_step(x)
+        train_step(x)
+    assert sae.W_enc.grad.is_sparse and sae.W_dec.grad.is_sparse
     assert syncs.total == 0, dict(syncs.by_op)
     # Step 0 lists its own dead and the next step's, step 1 the next step's only.
     assert len(listings) == (3 if auxk else 0)
-    assert run.sae(x, dead_mask=run.dead, check=False).code.aux is not None or not auxk  # the dead stay dead
+    assert train_step.steps_done == 2 and train_step.tokens_seen == cfg.dead_after_tokens + 32
+    assert sae(x, dead_mask=train_step.dead, check=False).code.aux is not None or not auxk  # the dead stay dead
 
 
 def _metric_lines(run_dir) -> list[dict]:
@@ -298,3 +314,79 @@ def test_bf16_moments_train_with_row_sparse_adam(tmp_path, planted):
     assert torch.isfinite(sae.W_dec).all()
     with pytest.raises(ValueError, match="moment_dtype='bfloat16' needs optimizer='row_sparse_adam'"):
         quick(tmp_path, moment_dtype="bfloat16")
+
+
+def _expected_batches(data, batch_size, seed, count):
+    from saeengine.store import batch_positions
+
+    positions = batch_positions(data.shape[0], batch_size, seed)
+    return [data[torch.from_numpy(next(positions)[2])].float() for _ in range(count)]
+
+
+def test_tensor_batches_follow_the_store_order_and_resume():
+    from saeengine.trainer.data import TensorBatches
+
+    data = torch.randn(300, 5).to(torch.bfloat16)
+    source = TensorBatches(data, 64, seed=3, device=torch.device("cpu"))
+    batches = iter(source)
+    got = [next(batches) for _ in range(6)]  # past one epoch (4 batches of 300 tokens)
+    expected = _expected_batches(data, 64, 3, 6)
+    assert all(g.dtype == torch.float32 and torch.equal(g, e) for g, e in zip(got, expected))
+    resumed = TensorBatches(data, 64, seed=3, device=torch.device("cpu"))
+    resumed.load_state_dict({"epoch": 0, "batch_in_epoch": 2})
+    assert torch.equal(next(iter(resumed)), expected[2])
+    same = TensorBatches(data.clone(), 64, seed=0, device=torch.device("cpu")).identity()
+    assert same == source.identity() and same["shape"] == [300, 5] and same["dtype"] == "bfloat16"
+    changed = data.clone()
+    changed[299, 4] = 7.0
+    assert TensorBatches(changed, 64, seed=3, device=torch.device("cpu")).identity() != same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (pinned memory); test_tensor_batches_follow_the_store_order_and_resume "
+                           "checks the same batches on the CPU")
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_tensor_batches_reach_the_gpu_without_a_host_sync(where):
+    """An in-memory tensor on the host (or on the GPU) gives CUDA batches through pinned,
+    non-blocking copies (of the rows, or of the row ids): no blocking copy is counted."""
+    from saeengine.syncs import count_host_syncs
+    from saeengine.trainer.data import TensorBatches
+
+    data = torch.randn(1000, 24).to(where)
+    batches = iter(TensorBatches(data, 128, seed=1, device=torch.device("cuda")))
+    with count_host_syncs() as syncs:
+        got = [next(batches) for _ in range(12)]  # more batches than pinned buffers
+    assert syncs.total == 0, dict(syncs.by_op)
+    for g, e in zip(got, _expected_batches(data.cpu(), 128, 1, 12)):
+        assert g.is_cuda and torch.equal(g.cpu(), e)
+
+
+def test_train_step_takes_its_flags_from_the_optimizer_and_the_config(monkeypatch):
+    """The forward gets sparse gradients when the optimizer asks for them, the expert
+    overrides of forward_options, the annealed k; the optimizer gets the scheduled lr."""
+    import dataclasses
+
+    from saeengine.trainer import TrainStep
+
+    cfg = TrainConfig(d_sae=32, k=2, k_anneal_from=6, k_anneal_fraction=0.5, batch_size=8, total_tokens=80,
+                      warmup_steps=4, optimizer="row_sparse_adam", device="cpu", backend="torch")
+    sae = saeengine.SAE(cfg.sae_config(6), seed=0)
+    calls = []
+    forward = saeengine.SAE.forward
+    monkeypatch.setattr(saeengine.SAE, "forward", lambda self, x, **kw: calls.append(kw) or forward(self, x, **kw))
+    x = torch.randn(8, 6)
+    row_sparse = TrainStep(sae, cfg, forward_options={"weight_copies": False})
+    metrics = [row_sparse(x) for _ in range(3)]
+    assert [c["sparse_grad"] for c in calls] == [True] * 3 and all(c["weight_copies"] is False for c in calls)
+    assert [c["k"] for c in calls] == [6, 5, 4] == [m["k"] for m in metrics]  # 6 -> 2 over 5 of 10 steps
+    assert [m["lr"] for m in metrics] == [cfg.learning_rate * f for f in (0.25, 0.5, 0.75)]
+    assert row_sparse.optimizer.lr == metrics[-1]["lr"] and row_sparse.steps_done == 3
+    dense = TrainStep(sae, dataclasses.replace(cfg, optimizer="adam"))
+    dense(x)
+    assert calls[-1]["sparse_grad"] is False and "weight_copies" not in calls[-1]
+    with pytest.raises(ValueError, match=r"forward_options may not set \['sparse_grad'\]"):
+        TrainStep(sae, cfg, forward_options={"sparse_grad": False})
+    with pytest.raises(ValueError, match="d_sae: the SAE has 32, cfg 64"):
+        TrainStep(sae, dataclasses.replace(cfg, d_sae=64))
+    with pytest.raises(TypeError, match="SAEOptimizer"):
+        TrainStep(sae, cfg, torch.optim.Adam(sae.parameters()))

@@ -10,8 +10,12 @@ from saeengine.kernels.latent_rowsum import latent_weighted_rowsum
 from saeengine.kernels.sparse_decode import sparse_decode_forward, sparse_decode_grad_values
 from saeengine.kernels.topk_encode import EncodeTiling, topk_encode_forward
 from saeengine.ops.latent_index import build_latent_index, latent_weighted_rowsum_ref
+from saeengine.ops.topk_encode import dense_auxk as dense_auxk_module
 
 from conftest import assert_valid_topk, pre_activations64, requires_gpu, sae_grads
+
+# The GPU validation of the Triton path (tests/validation_plugin.py).
+TRITON_PATH = pytest.mark.validates("topk_encode/fused", "sparse_decode/triton")
 
 # (N, d, F, k, splits): N=1, d=72, F not a power of two, k=1, k=F, several F-splits.
 ENCODE_SHAPES = [
@@ -21,20 +25,20 @@ ENCODE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["filter", "tilemerge"])
 @pytest.mark.parametrize("n,d,f,k,splits", ENCODE_SHAPES)
-def test_topk_encode_kernel_is_exact_topk(kernel_device, poison_empty, n, d, f, k, splits, method):
+@pytest.mark.validates("topk_encode/fused")
+def test_topk_encode_kernel_is_exact_topk(kernel_device, poison_empty, n, d, f, k, splits):
     gen = torch.Generator().manual_seed(n * 1000 + f)
     x = torch.randn(n, d, generator=gen).to(kernel_device)
     W = torch.randn(f, d, generator=gen).to(kernel_device)
     b = (0.1 * torch.randn(f, generator=gen)).to(kernel_device)
-    tiling = EncodeTiling(16, 32, 32, 4, 1, method) if kernel_device.type == "cpu" else EncodeTiling(method=method)
+    tiling = EncodeTiling(16, 32, 32, 4, 1) if kernel_device.type == "cpu" else EncodeTiling()
     values, indices = topk_encode_forward(x, W, b, k, splits=splits, tiling=tiling)
     assert_valid_topk(values.cpu(), indices.cpu(), pre_activations64(x.cpu(), W.cpu(), b.cpu()), k, tol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["filter", "tilemerge"])
-def test_topk_encode_kernel_subset_and_ties(kernel_device, poison_empty, method):
+@pytest.mark.validates("topk_encode/fused")
+def test_topk_encode_kernel_subset_and_ties(kernel_device, poison_empty):
     """Only latents of the subset are chosen; exact ties resolve to the lower latent."""
     n, d, f, k = 4, 24, 70, 6
     x = torch.randn(n, d).to(kernel_device)
@@ -43,7 +47,7 @@ def test_topk_encode_kernel_subset_and_ties(kernel_device, poison_empty, method)
     W = W.to(kernel_device)
     b = torch.zeros(f, device=kernel_device)
     subset = torch.cat([torch.arange(0, f, 2), torch.tensor([41])]).sort().values
-    tiling = EncodeTiling(16, 32, 32, 4, 1, method) if kernel_device.type == "cpu" else EncodeTiling(method=method)
+    tiling = EncodeTiling(16, 32, 32, 4, 1) if kernel_device.type == "cpu" else EncodeTiling()
     values, indices = topk_encode_forward(x, W, b, k, latent_subset=subset.to(kernel_device), splits=2,
                                           tiling=tiling)
     values, indices = values.cpu(), indices.cpu()
@@ -57,6 +61,7 @@ def test_topk_encode_kernel_subset_and_ties(kernel_device, poison_empty, method)
 
 
 @pytest.mark.parametrize("n,k,d,f", [(1, 1, 72, 100), (9, 7, 72, 130), (4, 33, 40, 50)])
+@pytest.mark.validates("sparse_decode/triton")
 def test_sparse_decode_kernels_match_reference(kernel_device, poison_empty, n, k, d, f):
     values = torch.rand(n, k).to(kernel_device)
     indices = torch.randint(0, f, (n, k)).to(kernel_device)
@@ -70,6 +75,7 @@ def test_sparse_decode_kernels_match_reference(kernel_device, poison_empty, n, k
     torch.testing.assert_close(gv.cpu(), gv_ref.cpu(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.validates("topk_encode/fused", "topk_encode/chunked", "sparse_decode/triton")
 def test_latent_rowsum_kernel_matches_reference_and_is_bitwise_repeatable(kernel_device, poison_empty):
     n, k, d, f = 12, 5, 40, 23  # few latents: long segments with many repeats
     indices = torch.randint(0, f, (n, k)).to(kernel_device)
@@ -110,13 +116,14 @@ def test_latent_rowsum_kernel_matches_reference_and_is_bitwise_repeatable(kernel
 
 @pytest.mark.parametrize("dense_auxk", [True, False], ids=["auxk_dense", "auxk_sparse"])
 @pytest.mark.parametrize("f,k_aux,n_dead", [(130, 16, 13), (300, 130, 150)])
+@pytest.mark.validates("topk_encode/fused", "sparse_decode/triton")
 def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, monkeypatch, f, k_aux, n_dead,
                                                                dense_auxk):
     """Full TopK forward + AuxK + sparse backward through the Triton path, with the AuxK
     code through dense GEMMs over the dead latents or through the sparse kernels (k_aux=130
     there takes the dense selection of wide subset codes)."""
     if not dense_auxk:
-        monkeypatch.setattr("saeengine.ops.dense_auxk.DENSE_AUXK_MAX_SUBSET_PER_K", 0)
+        monkeypatch.setattr(dense_auxk_module, "DENSE_AUXK_MAX_SUBSET_PER_K", 0)
     torch.manual_seed(5)
     sae = SAE(SAEConfig(d_in=72, d_sae=f, k=8, k_aux=k_aux), device=kernel_device, seed=5)
     with torch.no_grad():
@@ -161,6 +168,7 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, mo
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,f", [(4096, 2**16), (333, 50_000)])
+@pytest.mark.validates("topk_encode/fused")
 def test_topk_encode_gpu_real_shapes(dtype, n, f):
     """Tolerance from the precision baseline: the kernel's error against fp64 may be at most
     twice torch's own error in the same dtype (plus a tiny floor)."""
@@ -176,7 +184,8 @@ def test_topk_encode_gpu_real_shapes(dtype, n, f):
 
 
 @requires_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=TRITON_PATH),
+                                     pytest.param("cuda", marks=pytest.mark.validates("topk_encode/chunked"))])
 def test_sae_without_weight_copies_gpu_matches_torch(backend):
     """bf16 autocast with the kernels reading the fp32 weights (no bf16 copies): the fused
     kernel rounds W tiles as it loads them, the chunked path casts a chunk at a time."""
@@ -196,6 +205,7 @@ def test_sae_without_weight_copies_gpu_matches_torch(backend):
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.validates("topk_encode/fused", "sparse_decode/triton")
 def test_sae_backward_gpu_matches_torch_and_repeats(dtype):
     sae = SAE(SAEConfig(d_in=1024, d_sae=2**14, k=32), device="cuda", seed=0)
     x = torch.randn(2048, 1024, device="cuda")
@@ -210,7 +220,8 @@ def test_sae_backward_gpu_matches_torch_and_repeats(dtype):
         assert torch.equal(got[name], again[name]), name
 
 
-@pytest.mark.parametrize("backend,copies", [("torch", True), ("triton", True), ("triton", False)])
+@pytest.mark.parametrize("backend,copies", [("torch", True), pytest.param("triton", True, marks=TRITON_PATH),
+                                            pytest.param("triton", False, marks=TRITON_PATH)])
 def test_master_weights_get_fp32_gradients(kernel_device, backend, copies):
     """fp16 compute with fp32 parameters: outputs in fp16, parameter gradients in fp32 and
     equal (to fp16 rounding) to those of the fp32 computation. Without copies the kernels

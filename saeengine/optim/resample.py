@@ -14,6 +14,8 @@ import torch
 
 from saeengine.backends import resolve_backend
 
+from .base import ROW_ROLES, SAEOptimizer
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -57,23 +59,29 @@ def _alive_encoder_norm(W_enc: torch.Tensor, dead: torch.Tensor) -> torch.Tensor
     return torch.where(count > 0, mean, torch.ones_like(mean)).reshape(1)
 
 
-def _moments(optimizer, sae) -> dict[str, torch.Tensor | None]:
-    """The (m, v) moments of W_enc, W_dec and b_enc in the optimizer, None where absent."""
+# The parameters resampling rewrites, and the names the fused kernel gives their moments.
+_REWRITTEN = (("W_enc", "enc"), ("W_dec", "dec"), ("b_enc", "bias"))
+
+
+def _check_optimizer(optimizer) -> None:
+    if optimizer is not None and not isinstance(optimizer, SAEOptimizer):
+        raise TypeError(f"optimizer must be a saeengine.optim optimizer (DenseAdam, RowSparseAdam) or None, got "
+                        f"{type(optimizer).__name__}; wrap torch.optim.Adam as saeengine.optim.DenseAdam(sae, lr)")
+
+
+def _fused_moments(optimizer) -> dict[str, torch.Tensor | None]:
+    """The (m, v) moments of the rewritten parameters, by the CUDA op's argument names
+    (None where the optimizer holds none)."""
     out = {}
-    for name, short in (("W_enc", "enc"), ("W_dec", "dec"), ("b_enc", "bias")):
-        if hasattr(optimizer, "zero_rows_"):  # RowSparseAdam
-            state = optimizer.state[name]
-            m, v = state["m"], state["v"]
-        else:
-            state = optimizer.state.get(getattr(sae, name), {}) if optimizer is not None else {}
-            m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-        out[f"{short}_m"], out[f"{short}_v"] = m, v
+    for name, short in _REWRITTEN:
+        moments = optimizer.row_moments(name) if optimizer is not None else ()
+        out[f"{short}_m"], out[f"{short}_v"] = moments if len(moments) == 2 else (None, None)
     return out
 
 
 @torch.no_grad()
-def _resample_ref(sae, moments: dict, dead: torch.Tensor, x: torch.Tensor, cdf: torch.Tensor,
-                  enc_norm: torch.Tensor, seed: int) -> None:
+def _resample_ref(sae, dead: torch.Tensor, x: torch.Tensor, cdf: torch.Tensor, enc_norm: torch.Tensor,
+                  seed: int) -> None:
     rows = torch.nonzero(dead).squeeze(1)
     target = resample_uniform(seed, rows) * cdf[-1]
     picks = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.numel() - 1)
@@ -82,9 +90,6 @@ def _resample_ref(sae, moments: dict, dead: torch.Tensor, x: torch.Tensor, cdf: 
     sae.W_dec[rows] = chosen.to(sae.W_dec.dtype)
     sae.W_enc[rows] = (chosen * (0.2 * enc_norm)).to(sae.W_enc.dtype)
     sae.b_enc[rows] = 0
-    for moment in moments.values():
-        if moment is not None:
-            moment[rows] = 0
 
 
 @torch.no_grad()
@@ -98,10 +103,12 @@ def resample_dead_latents_(sae, optimizer, dead: torch.Tensor, x: torch.Tensor, 
     - Inputs are drawn with probability proportional to loss^2 (uniformly when all are 0).
     - Each dead latent j gets W_dec[j] = x / |x|, W_enc[j] = x / |x| * 0.2 * (mean norm
       of the live encoder rows), and b_enc[j] = 0.
-    - Those rows' optimizer moments are zeroed.
+    - Those latents' optimizer state is zeroed in every latent-row parameter
+      (``optimizer.reset_rows_``; the CUDA op zeroes W_enc's, W_dec's and b_enc's moments
+      in its own launch).
     - Every other row is left untouched.
 
-    ``optimizer``: a RowSparseAdam, a torch.optim optimizer over the SAE's parameters, or
+    ``optimizer``: a :class:`saeengine.optim.SAEOptimizer` (DenseAdam, RowSparseAdam), or
     None. backend: "auto", "torch" or "cuda" (one kernel launch for the edit).
     """
     if dead.dtype != torch.bool or dead.shape != (sae.cfg.d_sae,):
@@ -109,14 +116,21 @@ def resample_dead_latents_(sae, optimizer, dead: torch.Tensor, x: torch.Tensor, 
     if x.dim() != 2 or x.shape[1] != sae.cfg.d_in or losses.shape != (x.shape[0],) or x.shape[0] == 0:
         raise ValueError(f"x must be [N >= 1, {sae.cfg.d_in}] and losses [N]; got {tuple(x.shape)} and "
                          f"{tuple(losses.shape)}")
+    _check_optimizer(optimizer)
     backend = resolve_backend(backend, "resample_dead", sae.W_dec.device)
     x = x.detach().float().contiguous()
     cdf = _sampling_cdf(losses)
     enc_norm = _alive_encoder_norm(sae.W_enc, dead)
-    moments = _moments(optimizer, sae)
     if backend == "cuda":
+        moments = _fused_moments(optimizer)
         torch.ops.saeengine.resample_dead_(sae.W_enc, sae.b_enc, sae.W_dec, dead, x, cdf, enc_norm, seed,
                                            **moments)
+        rest = tuple(name for name, _ in optimizer.named_with_role(*ROW_ROLES)
+                     if name not in dict(_REWRITTEN)) if optimizer is not None else ()
+        if rest:  # latent-row parameters the kernel does not know (JumpReLU's threshold)
+            optimizer.reset_rows_(dead, names=rest)
     else:
-        _resample_ref(sae, moments, dead, x, cdf, enc_norm, seed)
+        _resample_ref(sae, dead, x, cdf, enc_norm, seed)
+        if optimizer is not None:
+            optimizer.reset_rows_(dead)
     return dead.sum()

@@ -10,7 +10,7 @@ from the dense gradient autograd produced, or from a compact [R, d] block of row
 W_enc's and W_dec's gradients may be sparse COO tensors (``SAE.forward(sparse_grad=True)``
 on the GPU paths): then no [F, d] gradient exists anywhere, and the listed rows are
 gathered from the sparse gradient's entries without coalescing it. With
-``step(rows, max_grad_norm)`` the clipping is fused too, so a step never waits on the host.
+``max_grad_norm`` > 0 the clipping is fused too, so a step never waits on the host.
 
 How it differs from dense Adam: a row that did not fire keeps its moments as they were.
 Dense Adam would decay them, and would still move the row by m / sqrt(v) even at zero
@@ -23,7 +23,7 @@ import torch
 
 from saeengine.backends import resolve_backend
 
-LATENT_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")
+from .base import ROW_ROLES, SAEOptimizer, host_copy, project_unit_rows_, remove_parallel_component_
 
 
 def latent_grad_rows(grad: torch.Tensor, rows: torch.Tensor,
@@ -54,8 +54,8 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Scale the gradients so their joint L2 norm is at most ``max_norm``, like
     ``torch.nn.utils.clip_grad_norm_``, also for sparse COO gradients (coalesced in place
     first, so duplicate rows are summed before the norm: a host sync on CUDA, which
-    ``RowSparseAdam.step(rows, max_grad_norm=...)`` avoids). Returns the norm before
-    clipping (0-d fp32)."""
+    ``RowSparseAdam(..., max_grad_norm=...)`` avoids). Returns the norm before clipping
+    (0-d fp32)."""
     grads = []
     for p in parameters:
         if p.grad is None:
@@ -74,29 +74,37 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-class RowSparseAdam:
+class RowSparseAdam(SAEOptimizer):
     """Adam over an SAE's parameters, row-sparse on its latent-row parameters.
 
-    ``step(rows)`` updates the rows ``rows`` (int64, distinct) of W_enc, b_enc, W_dec and
-    log_threshold, and every other parameter (b_dec) densely. Moments are fp32 or bf16
+    ``step(rows)`` updates the rows ``rows`` (int64, distinct) of every latent-row
+    parameter (roles ``"encoder_rows"`` and ``"decoder_rows"`` of ``sae.parameter_roles()``),
+    and every ``"dense"`` parameter (b_dec) densely. Moments are fp32 or bf16
     (``moment_dtype``). ``state_dict`` / ``load_state_dict`` make it checkpointable.
-    ``backend``: "auto", "torch" or "cuda" for the latent rows (b_dec is dense torch math).
+    ``backend``: "auto", "torch" or "cuda" for the latent rows (the dense parameters are
+    torch math). ``max_grad_norm`` > 0 clips inside the step (see :meth:`step`).
+    ``sparse_grad``: ask the forward for sparse COO weight gradients (the default; False
+    reads dense ones, e.g. to measure the difference).
     """
 
+    needs_rows = True
+
     def __init__(self, sae, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 moment_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+                 moment_dtype: torch.dtype = torch.float32, backend: str = "auto", max_grad_norm: float = 0.0,
+                 sparse_grad: bool = True):
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"moment_dtype={moment_dtype}; use torch.float32 or torch.bfloat16")
-        self.sae = sae
-        self.backend = resolve_backend(backend, "row_sparse_adam", sae.W_dec.device)
+        super().__init__(sae, max_grad_norm)
+        self.sparse_grad = bool(sparse_grad)
+        self.backend = resolve_backend(backend, "row_sparse_adam", next(sae.parameters()).device)
         self.param_groups = [{"lr": lr}]
         self.betas, self.eps, self.moment_dtype = betas, eps, moment_dtype
         self.step_count = 0
         self.state = {name: {"m": torch.zeros_like(p, dtype=moment_dtype), "v": torch.zeros_like(p, dtype=moment_dtype)}
                       for name, p in sae.named_parameters()}
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.sae.zero_grad(set_to_none=set_to_none)
+    def _is_rows(self, name: str) -> bool:
+        return self.roles[name] in ROW_ROLES
 
     @torch.no_grad()
     def _adam(self, p: torch.Tensor, grad: torch.Tensor, state: dict, rows: torch.Tensor | None) -> None:
@@ -120,24 +128,27 @@ class RowSparseAdam:
             p[rows] = p[rows] - (lr * update).to(p.dtype)
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor, max_grad_norm: float = 0.0) -> torch.Tensor | None:
-        """Update the latent rows ``rows`` [R] int64 (distinct) and the dense
-        parameters.
+    def step(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Update the latent rows ``rows`` [R] int64 (distinct) and the dense parameters.
 
-        ``max_grad_norm`` > 0 first scales the gradient so that its L2 norm is at most
-        that: the norm of what the step applies (the listed rows of the latent-row
+        With ``max_grad_norm`` > 0 the gradient is first scaled so that its L2 norm is at
+        most that: the norm of what the step applies (the listed rows of the latent-row
         parameters, the whole of the others), taken over the gathered rows. It equals
         ``clip_grad_norm_``'s whenever the unlisted rows have no gradient (the trainer
         lists every latent that fired), and a sparse gradient is never coalesced for it:
         no host sync. Returns that norm before clipping (0-d fp32), or None.
         """
+        if rows is None:
+            raise ValueError("RowSparseAdam.step needs rows: the [R] int64 latents that fired this step "
+                             "(saeengine.optim.fired_rows lists them without a host sync)")
         self.step_count += 1
+        max_grad_norm = self.max_grad_norm
         named = {name: p for name, p in self.sae.named_parameters() if p.grad is not None}
         # The rows each latent-row parameter's update reads; the CUDA op reads a dense
         # gradient in place unless it must be scaled first.
         rows_sorted = torch.sort(rows) if any(p.grad.is_sparse for p in named.values()) else None
         grads = {name: latent_grad_rows(p.grad, rows, rows_sorted)
-                 if name in LATENT_ROW_PARAMS and (p.grad.is_sparse or max_grad_norm or self.backend != "cuda")
+                 if self._is_rows(name) and (p.grad.is_sparse or max_grad_norm or self.backend != "cuda")
                  else p.grad for name, p in named.items()}
         norm = None
         if max_grad_norm:
@@ -150,15 +161,14 @@ class RowSparseAdam:
             return norm
         for name, p in named.items():
             g = grads[name]
-            if name in LATENT_ROW_PARAMS:
-                if name == "W_dec":  # fused: drop the gradient parallel to each row (projected below)
-                    w_rows = p[rows]
-                    g = g - (g * w_rows).sum(1, keepdim=True) * w_rows
+            if self._is_rows(name):
+                if self.roles[name] == "decoder_rows":  # fused: drop the gradient parallel to each row
+                    g = remove_parallel_component_(g, p[rows])
                 self._adam(p, g, self.state[name], rows)
             else:
                 self._adam(p, g, self.state[name], None)
-        W = self.sae.W_dec
-        W[rows] = W[rows] / W[rows].norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+        for name, p in self.named_with_role("decoder_rows"):  # back to unit norm
+            p[rows] = project_unit_rows_(p[rows])
         return norm
 
     def _step_cuda(self, named: dict, grads: dict, rows: torch.Tensor) -> None:
@@ -166,28 +176,23 @@ class RowSparseAdam:
         lr = self.param_groups[0]["lr"]
         for name, p in named.items():
             state = self.state[name]
-            if name in LATENT_ROW_PARAMS:  # [F, ...] read in place, or the [R, ...] gathered rows
+            if self._is_rows(name):  # [F, ...] read in place, or the [R, ...] gathered rows
                 grad = grads[name]
                 dense = grad is p.grad
                 torch.ops.saeengine.row_sparse_adam_(p, grad if dense else grad.contiguous(), state["m"], state["v"],
                                                      rows, lr, beta1, beta2, self.eps, self.step_count, dense,
-                                                     name == "W_dec")
+                                                     self.roles[name] == "decoder_rows")
             else:
                 self._adam(p, grads[name], state, None)
 
+    def row_moments(self, name: str) -> tuple[torch.Tensor, ...]:
+        return (self.state[name]["m"], self.state[name]["v"])
+
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "lr": self.param_groups[0]["lr"],
-                "state": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()}}
+        return {"step_count": self.step_count, "lr": self.param_groups[0]["lr"], "state": host_copy(self.state)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count, self.param_groups[0]["lr"] = state["step_count"], state["lr"]
         for name, s in state["state"].items():
             for key, value in s.items():
                 self.state[name][key].copy_(value)
-
-    def zero_rows_(self, rows: torch.Tensor) -> None:
-        """Reset the moments of latent rows ``rows`` (after resampling them)."""
-        for name, s in self.state.items():
-            if name in LATENT_ROW_PARAMS:
-                s["m"][rows] = 0
-                s["v"][rows] = 0

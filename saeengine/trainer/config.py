@@ -7,7 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import ARCHITECTURES, NORMALIZATIONS
+from ..architectures import get_architecture
+from ..config import ARCHITECTURES, NORMALIZATIONS, SAEConfig
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 OPTIMIZERS = ("adam", "row_sparse_adam")
@@ -15,6 +16,23 @@ MOMENT_DTYPES = ("float32", "bfloat16")
 AUTOCAST = ("none", "bfloat16", "float16")
 # Fields that every config of a sweep must share: the SAEs read the same batches.
 SHARED_FIELDS = ("total_tokens", "batch_size", "seed", "device", "out_dir", "checkpoint_every_tokens", "resume")
+
+# How resuming treats the fields (saeengine.trainer.checkpoints). These never change the
+# math of a step, so a resumed run may change them (on the same device and backend it
+# still ends bit for bit where the uninterrupted run would):
+RESUME_FREE_FIELDS = ("device", "backend", "out_dir", "name", "checkpoint_every_tokens", "resume", "log_every",
+                      "tensorboard", "wandb_project", "progress")
+# These act only when a run starts; the checkpoint holds what they did.
+START_ONLY_FIELDS = ("init_from", "b_dec_init")
+# total_tokens may change within limits (TrainConfig.lr_factor). Every other field changes
+# the math, and resuming refuses a change, naming the field: a field added later is math
+# until listed above.
+SCHEDULE_FIELD = "total_tokens"
+# Fields of earlier versions: a saved config that has them still resumes (with a note).
+REMOVED_FIELDS = {
+    "weight_copies": "the kernels' weight reads are chosen per call; SAE.forward(weight_copies=...) overrides "
+                     "that (TrainStep(forward_options=...) in training)",
+}
 
 
 def default_lr(d_sae: int) -> float:
@@ -29,16 +47,19 @@ class TrainConfig:
     d_sae: int = 16384
     """Number of latents F."""
     architecture: str = "topk"
-    """topk, batchtopk, relu (with an L1 penalty) or jumprelu (with an L0 penalty)."""
+    """topk, batchtopk, relu (with an L1 penalty), jumprelu (with an L0 penalty) or
+    matryoshka (nested prefixes of the dictionary each reconstruct; see matryoshka_*)."""
     k: int = 32
-    """Active latents per token (topk; the batch average for batchtopk)."""
+    """Active latents per token (topk, matryoshka; the batch average for batchtopk)."""
     k_anneal_from: int = 0
     """Start with this many active latents and lower it linearly to k over the first
-    k_anneal_fraction of the run (0: no annealing; topk and batchtopk)."""
+    k_anneal_fraction of the run (0: no annealing; topk, batchtopk and matryoshka)."""
     k_anneal_fraction: float = 0.1
     """Fraction of the run over which k is annealed."""
     total_tokens: int = 10_000_000
-    """Training tokens; the run takes total_tokens // batch_size steps."""
+    """Training tokens; the run takes total_tokens // batch_size steps. A resumed run may
+    raise it (or lower it down to the tokens already trained): the learning-rate decay
+    and the k annealing are then those of the new total from the checkpoint's step on."""
     batch_size: int = 4096
     """Tokens per step."""
     lr: float = 0.0
@@ -57,10 +78,6 @@ class TrainConfig:
     """adam (dense), or row_sparse_adam (only latents that fired this step are updated;
     their moments do not decay in between; on the GPU paths the weight gradients are
     then sparse rows, with no [d_sae, d_in] gradient buffers)."""
-    weight_copies: bool = True
-    """Under autocast, give the GPU kernels one bf16 copy of W_enc and W_dec per step
-    (fastest). False lets them read the fp32 weights directly: 2 bytes per weight less,
-    which with bf16 moments is what lets F=2^22 fit on one 80 GB GPU."""
     moment_dtype: str = "float32"
     """Adam moments of row_sparse_adam: float32, or bfloat16 (half the optimizer memory;
     what lets F=2^21 fit on one 80 GB GPU)."""
@@ -80,6 +97,14 @@ class TrainConfig:
     """Linear warm-up of the sparsity coefficient from 0 (the L1 warm-up of relu)."""
     jumprelu_threshold: float = 1e-3
     """Initial JumpReLU threshold."""
+    matryoshka_inner: str = "topk"
+    """Selection of matryoshka: topk or batchtopk."""
+    matryoshka_prefixes: str = ""
+    """Fixed prefix lengths of matryoshka, comma-separated and ascending, the last d_sae
+    (e.g. 64,512,4096); empty: lengths drawn each step (matryoshka_random_prefixes)."""
+    matryoshka_random_prefixes: int = 10
+    """Prefixes per step of matryoshka without fixed lengths: the full dictionary and
+    this many minus one random lengths m, P(length <= m) = (m / d_sae) ^ 0.5."""
     b_dec_init: str = "geometric_median"
     """Decoder bias start: geometric_median (Weiszfeld), mean, or zeros of a data sample."""
     init_from: str = ""
@@ -132,13 +157,20 @@ class TrainConfig:
             (self.d_sae >= 1 and self.k >= 1, f"d_sae={self.d_sae} and k={self.k} must be >= 1"),
             (self.k_anneal_from == 0 or self.k < self.k_anneal_from <= self.d_sae,
              f"k_anneal_from={self.k_anneal_from}; it must be 0 (off) or lie in (k={self.k}, d_sae={self.d_sae}]"),
-            (self.k_anneal_from == 0 or self.architecture in ("topk", "batchtopk"),
-             f"k_anneal_from applies to topk and batchtopk, not {self.architecture!r}"),
+            (self.k_anneal_from == 0 or self.architecture not in ARCHITECTURES
+             or get_architecture(self.architecture).selects_k,
+             f"k_anneal_from applies to {', '.join(a for a in ARCHITECTURES if get_architecture(a).selects_k)}, "
+             f"not {self.architecture!r}"),
             (0.0 < self.k_anneal_fraction <= 1.0, f"k_anneal_fraction={self.k_anneal_fraction}; it must lie in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{message}")
+        self._matryoshka_prefixes()  # its own error, naming the string
+        try:  # the architecture's own fields (they do not depend on d_in)
+            self.sae_config(d_in=1)
+        except ValueError as err:
+            raise ValueError(f"TrainConfig: {err} (the TrainConfig field of the same name sets it)") from err
 
     @property
     def steps(self) -> int:
@@ -153,7 +185,17 @@ class TrainConfig:
         return self.name or f"{self.architecture}-F{self.d_sae}-k{self.k}-lr{self.learning_rate:.2g}"
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the learning rate at ``step`` (warm-up, flat, linear decay to 0)."""
+        """Multiplier of the learning rate at ``step``: linear warm-up over warmup_steps,
+        flat, then linear decay to 0 from step ``int(decay_start * steps)`` to ``steps``.
+
+        A function of (step, total_tokens) alone. A run resumed with a larger total_tokens
+        follows the new total's schedule from its checkpoint's step on: the decay start
+        moves to decay_start of the new total. An interrupted run that had not begun to
+        decay thus ends exactly as a run started with the larger total. A run that had
+        decayed, or had finished (its last step at 1 / (steps - decay start) of the peak),
+        continues at the new schedule's factor for its next step: back to 1.0 when that
+        step lies before the new decay start (no second warm-up), then down to 0 at the
+        new end."""
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         decay_from = int(self.decay_start * self.steps)
         decay = 1.0 if step < decay_from else max(0.0, (self.steps - step) / max(1, self.steps - decay_from))
@@ -174,6 +216,37 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def known_fields(cls, saved: dict) -> tuple[dict, dict]:
+        """A saved config dict split into (fields this version has, removed fields with
+        the reason each left); a field neither known nor removed raises ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - names - set(REMOVED_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; the checkpoint may come from a newer saeengine")
+        return ({key: value for key, value in saved.items() if key in names},
+                {key: REMOVED_FIELDS[key] for key in saved if key in REMOVED_FIELDS})
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        """The :class:`saeengine.SAEConfig` of the SAE this run trains on ``d_in``-wide data
+        (the architecture's fields; the training settings stay in the run's provenance)."""
+        return SAEConfig(d_in=d_in, d_sae=self.d_sae, architecture=self.architecture, k=self.k,
+                         normalization=self.normalization, k_aux=self.k_aux or None, aux_alpha=self.aux_alpha,
+                         jumprelu_threshold=self.jumprelu_threshold, matryoshka_inner=self.matryoshka_inner,
+                         matryoshka_prefixes=self._matryoshka_prefixes(),
+                         matryoshka_random_prefixes=self.matryoshka_random_prefixes)
+
+    def _matryoshka_prefixes(self) -> tuple[int, ...]:
+        """matryoshka_prefixes "64,512,4096" -> (64, 512, 4096); "" -> ()."""
+        if not self.matryoshka_prefixes.strip():
+            return ()
+        try:
+            return tuple(int(m) for m in self.matryoshka_prefixes.split(","))
+        except ValueError:
+            raise ValueError(f"TrainConfig.matryoshka_prefixes={self.matryoshka_prefixes!r} is invalid: give "
+                             f"comma-separated ints ending at d_sae, e.g. '{max(1, self.d_sae // 8)},{self.d_sae}'"
+                             ) from None
 
 
 def check_sweep(configs: list[TrainConfig]) -> None:

@@ -1,4 +1,6 @@
-"""JumpReLU with straight-through gradients for its thresholds (Rajamanoharan et al. 2024).
+"""JumpReLU SAE (Rajamanoharan et al. 2024): a latent fires where its pre-activation
+exceeds its learned threshold theta = exp(log_threshold); an L0 penalty (weighted by the
+trainer) trains the thresholds. Dense code, dense decode.
 
 The step H(pre - theta) has no useful derivative in theta. The pseudo-derivative replaces
 the Dirac delta with a rectangle kernel of width ``bandwidth``:
@@ -10,7 +12,13 @@ trains the sparsity.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
+
+from .base import Architecture, Encoding, pre_activations, register
+from .dense import DenseCode
 
 
 def _window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -54,3 +62,26 @@ def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> to
 def step_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """pre [N, F], threshold [F] -> [N, F] 0/1 indicators of pre > threshold."""
     return _StepL0.apply(pre, threshold, bandwidth)
+
+
+@register
+class JumpReLU(Architecture):
+    name = "jumprelu"
+
+    @classmethod
+    def check_config(cls, cfg):
+        for field in ("jumprelu_threshold", "jumprelu_bandwidth"):
+            value = getattr(cfg, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"SAEConfig.{field}={value!r} is invalid: it must be a positive number")
+
+    def add_state(self, sae, device):
+        init = math.log(self.cfg.jumprelu_threshold)
+        sae.log_threshold = nn.Parameter(torch.full((self.cfg.d_sae,), init, device=device, dtype=torch.float32))
+
+    def encode(self, sae, xn, *, k, auxk, kernels):
+        pre = pre_activations(sae, xn)
+        threshold = sae.log_threshold.exp().to(pre.dtype)
+        bandwidth = self.cfg.jumprelu_bandwidth
+        penalty = step_l0(pre, threshold, bandwidth).float().sum(1).mean()
+        return Encoding(DenseCode(jumprelu(pre, threshold, bandwidth)), penalty=penalty)

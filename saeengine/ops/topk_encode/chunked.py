@@ -1,4 +1,4 @@
-"""Chunked GEMM + top-k select: the encoder's forward selection on the "cuda" backend.
+"""Chunked GEMM + top-k select: the forward selection of topk_encode's "chunked" implementation.
 
 cuBLAS computes the pre-activations one column chunk at a time ([N, chunk], the bias added
 in the GEMM's epilogue), :func:`saeengine.ops.topk_select` (the CUDA select) keeps
@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .topk_select import fastest_select_backend, topk_select
+from ..topk_select import topk_select
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # one [N, chunk] pre-activation buffer
 
@@ -34,10 +34,10 @@ def _side_stream(device_index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device_index)
 
 
-def gemm_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Tensor, k: int,
-                     latent_subset: torch.Tensor | None = None, *, select_backend: str = "auto",
-                     chunk_bytes: int = DEFAULT_CHUNK_BYTES, overlap: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Tensor, k: int,
+                        latent_subset: torch.Tensor | None = None, *, select_backend: str = "auto",
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, overlap: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of relu(x_centered @ W.T + b_enc) per row, chunk by chunk.
 
     Args:
@@ -45,8 +45,8 @@ def gemm_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Ten
             master weights (cast one chunk at a time, never whole).
         k: 1 <= k <= F (or <= F_sub).
         latent_subset: [F_sub] int64 latents to choose among (AuxK's dead latents), or None.
-        select_backend: the backend of the per-chunk :func:`topk_select`; "fastest": the
-            CUDA kernel wherever it can run this selection.
+        select_backend: the implementation of the per-chunk :func:`topk_select`
+            ("reference", "radix" or "auto"; the encoder's plan names one).
         chunk_bytes: size of one pre-activation buffer.
         overlap: select each chunk on a side stream while the next chunk's GEMM runs
             (CUDA only; two buffers).
@@ -59,8 +59,6 @@ def gemm_topk_encode(x_centered: torch.Tensor, W: torch.Tensor, b_enc: torch.Ten
         W, b_enc = W[latent_subset], b_enc[latent_subset]
     n, f = x_centered.shape[0], W.shape[0]
     cols = chunk_columns(n, f, x_centered.element_size(), chunk_bytes)
-    if select_backend == "fastest":
-        select_backend = fastest_select_backend(x_centered, k)
     values, indices = _chunk_candidates(x_centered, W, b_enc, k, cols, select_backend,
                                         overlap and x_centered.is_cuda and cols < f)
     if len(values) == 1:

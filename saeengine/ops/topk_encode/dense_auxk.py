@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .code import SparseCode
-from .latent_index import sparse_row_gradient
-from .topk_select import topk_select
+from ..code import SparseCode
+from ..latent_index import sparse_row_gradient
+from ..topk_select import topk_select
 
 DENSE_AUXK_MAX_SUBSET_PER_K = 64
 
@@ -41,11 +41,11 @@ class AuxKDense(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_centered, W_enc, b_enc, W_dec, subset, k):
+    def forward(ctx, x_centered, W_enc, b_enc, W_dec, subset, k, select):
         dtype = x_centered.dtype
         W_enc_sub, W_dec_sub = W_enc[subset].to(dtype), W_dec[subset].to(dtype)
         pre = torch.addmm(b_enc[subset].to(dtype), x_centered, W_enc_sub.T)  # [N, S]
-        values, positions = topk_select(pre, k)
+        values, positions = topk_select(pre, k, backend=select)
         values = values.clamp_min(0)
         act = pre.zero_().scatter_(1, positions, values)  # reuses pre's memory
         recon = act @ W_dec_sub
@@ -75,21 +75,22 @@ class AuxKDense(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(b_shape, dtype=b_dtype, device=subset.device)
             grad_b.index_copy_(0, subset, grad_pre.float().sum(0).to(b_dtype))
-        return grad_x, grad_W_enc, grad_b, grad_W_dec, None, None
+        return grad_x, grad_W_enc, grad_b, grad_W_dec, None, None, None
 
 
 def auxk_dense(x_centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-               subset: torch.Tensor, k: int) -> tuple[SparseCode, torch.Tensor]:
+               subset: torch.Tensor, k: int, *, select: str = "auto") -> tuple[SparseCode, torch.Tensor]:
     """The AuxK code over ``subset`` and its decode, through dense GEMMs.
 
     Args:
         x_centered: [N, d] (x - b_pre) in the compute dtype.
         W_enc, b_enc, W_dec: the SAE's [F, d], [F], [F, d] parameters.
         subset: [S] int64 ascending distinct latents (the dead ones); k <= S.
+        select: the topk_select implementation over the [N, S] pre-activations.
     Returns:
         (SparseCode of values [N, k] and indices [N, k], recon [N, d] = sum_j values[n, j]
         W_dec[indices[n, j]] in x's dtype). Differentiable in x_centered, W_enc, b_enc and
         W_dec (weight gradients as sparse rows of the subset).
     """
-    recon, values, indices = AuxKDense.apply(x_centered, W_enc, b_enc, W_dec, subset, k)
+    recon, values, indices = AuxKDense.apply(x_centered, W_enc, b_enc, W_dec, subset, k, select)
     return SparseCode(values, indices), recon
