@@ -258,7 +258,7 @@ def choose(requested: str, op: str, device: torch.device | str, *, k: int | None
         return impl
     if device.type != "cuda":  # the interpreter is a testing tool, far slower than torch on CPU
         return implementation(op, "reference")
-    from saeengine.validation import validation_problem
+    from saeengine.validation import cached_validation_problem as validation_problem
 
     order = [implementation(op, n) for n in candidates] if candidates is not None else list(_implementations(op))
     for impl in order:

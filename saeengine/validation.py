@@ -77,6 +77,20 @@ def _cached_record() -> dict[str, dict]:
     return load_record(RECORD_FILE)  # looked up at call time, so tests can point it elsewhere
 
 
+@functools.lru_cache(maxsize=None)
+def cached_validation_problem(impl: Implementation) -> str:
+    """:func:`validation_problem`, computed once per implementation and process: what
+    ``backend="auto"`` reads on every call, so no op call hashes files. A process that
+    edits kernel sources (tests) calls :func:`refresh`."""
+    return validation_problem(impl)
+
+
+def refresh() -> None:
+    """Forget the cached record and validation results (after writing or editing them)."""
+    _cached_record.cache_clear()
+    cached_validation_problem.cache_clear()
+
+
 def validation_problem(impl: Implementation) -> str:
     """"" when ``impl`` needs no GPU validation or its current sources passed; else why not."""
     if not impl.needs_validation:
@@ -125,7 +139,7 @@ def write_record(passed: list[str], *, gpu: str, commit: str, date: str, tests: 
                        "tests": tests.get(key, 0)}
     payload = {"version": RECORD_VERSION, "implementations": dict(sorted(record.items()))}
     atomic_write_bytes(Path(path), (json.dumps(payload, indent=2) + "\n").encode())
-    _cached_record.cache_clear()
+    refresh()
     return record
 
 

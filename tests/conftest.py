@@ -135,3 +135,14 @@ def sae_grads(sae, x, dead, backend, sparse_grad=False):
         assert not any(p.grad.is_sparse for p in sae.parameters())
     return out, {name: p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone()
                  for name, p in sae.named_parameters()}
+
+
+def assert_same_saved_sae(sae, loaded):
+    """``loaded`` (an SAE read back) has ``sae``'s config and every tensor of its state
+    bit for bit (NaN == NaN here: a fresh batchtopk threshold is NaN)."""
+    assert loaded.cfg == sae.cfg
+    a, b = sae.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)), name

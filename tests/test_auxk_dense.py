@@ -56,8 +56,19 @@ def test_auxk_dense_weight_gradients_are_sparse_rows_of_the_subset():
     assert bool(torch.isin(code.indices, subset).all())
 
 
-def test_dense_auxk_is_chosen_for_small_subsets_only():
-    assert ops.use_dense_auxk(6_554, 512)        # F=2^16 with 10% dead
-    assert ops.use_dense_auxk(26_214, 512)       # F=2^18
-    assert not ops.use_dense_auxk(104_858, 512)  # F=2^20: the [N, S] matrix grows; sparse kernels
-    assert not ops.use_dense_auxk(0, 512)
+def test_the_sae_plan_takes_dense_auxk_for_small_subsets_only():
+    """What an SAE on a validated GPU runs for AuxK (k_aux=512) at 10% dead latents: dense
+    GEMMs while the [N, S] matrix stays small (F=2^16, 2^18), the sparse kernels beyond
+    (F=2^20); never on the reference, and never for a caller that does not decode."""
+    from saeengine.ops.plans import ENVIRONMENTS, MetaTensor, simulated
+
+    with simulated(ENVIRONMENTS[2]) as gpu:
+        def auxk(n_dead, backend="auto", allow=True):
+            return ops.plan_topk_encode(backend, gpu, dtype=torch.bfloat16, k=32, k_aux=512, n_subset=n_dead,
+                                        needs_grad=True, weight=MetaTensor(torch.float32, gpu),
+                                        allow_dense_auxk=allow).auxk
+
+        assert auxk(6_554) == "dense" and auxk(26_214) == "dense"
+        assert auxk(104_858) == "chunked"  # fused main code, wide AuxK code: selected in chunks
+        assert auxk(6_554, backend="reference") == "reference"
+        assert auxk(6_554, allow=False) == "chunked"

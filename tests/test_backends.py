@@ -73,7 +73,7 @@ def test_chunked_encoder_needs_triton_for_its_backward(fake_gpu):
     """Without triton the chunked encoder is unavailable and says so, while the pure CUDA
     ops stay available; auto then ends at the reference."""
     fake_gpu.setattr(backends, "_triton_import_problem", lambda: "triton is not installed (test)")
-    fake_gpu.setattr(validation, "validation_problem", lambda impl: "")
+    fake_gpu.setattr(validation, "cached_validation_problem", lambda impl: "")
     assert resolve_backend("radix", "topk_select", CUDA) == "radix"
     with pytest.raises(BackendUnavailableError, match="triton is not installed"):
         resolve_backend("chunked", "topk_encode", CUDA)
@@ -83,7 +83,7 @@ def test_chunked_encoder_needs_triton_for_its_backward(fake_gpu):
 def test_auto_passes_over_unvalidated_kernels_and_logs_once(fake_gpu, caplog):
     """An implementation whose current sources have not passed the GPU tests runs only
     when named; once validated, auto takes it."""
-    fake_gpu.setattr(validation, "validation_problem",
+    fake_gpu.setattr(validation, "cached_validation_problem",
                      lambda impl: "its GPU tests have never passed on a GPU" if impl.needs_validation else "")
     with caplog.at_level(logging.INFO, logger="saeengine"):
         assert resolve_backend("auto", "mark_fired", CUDA) == "reference"
@@ -94,13 +94,13 @@ def test_auto_passes_over_unvalidated_kernels_and_logs_once(fake_gpu, caplog):
     fake_gpu.setenv("SAEENGINE_BACKEND", "cuda")  # an override names it too
     assert resolve_backend("auto", "mark_fired", CUDA) == "cuda"
     fake_gpu.delenv("SAEENGINE_BACKEND")
-    fake_gpu.setattr(validation, "validation_problem", lambda impl: "")
+    fake_gpu.setattr(validation, "cached_validation_problem", lambda impl: "")
     assert resolve_backend("auto", "mark_fired", CUDA) == "cuda"
     assert resolve_backend("auto", "topk_encode", CUDA) == "fused"
 
 
 def test_limits_and_flags_steer_auto_and_refuse_named(fake_gpu):
-    fake_gpu.setattr(validation, "validation_problem", lambda impl: "")
+    fake_gpu.setattr(validation, "cached_validation_problem", lambda impl: "")
     assert choose("auto", "topk_select", CUDA, k=2000).name == "reference"  # past the radix kernel's k
     assert choose("auto", "topk_select", CUDA, k=8, dtype=torch.float64).name == "reference"
     assert choose("auto", "sparse_decode", CUDA, flags=("sparse_grad",)).name == "triton"

@@ -38,7 +38,10 @@ def test_trainer_overhead_benchmark_runs(tmp_path):
                     "--k", "4", "--batch", "256", "--steps", "30", "--out", str(out)], check=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["bare_tokens_per_s"] > 0 and result["trainer_tokens_per_s"] > 0
-    assert result["trainer_fraction"] == result["trainer_tokens_per_s"] / result["bare_tokens_per_s"]
+    # The trainer runs that step plus the loader and the bookkeeping: it cannot be much
+    # faster (noise aside), and on CPU at this size it is not 10x slower either.
+    assert 0.1 < result["trainer_fraction"] < 1.5
+    assert result["commit"] and result["steps"] == 30
 
 
 def test_cuda_ops_benchmark_smoke_runs(capsys):

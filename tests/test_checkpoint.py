@@ -7,6 +7,8 @@ import torch
 
 from saeengine import SAE, CheckpointError, SAEConfig
 
+from conftest import assert_same_saved_sae
+
 
 def trained_like_sae(arch="topk", normalization="mean_norm"):
     sae = SAE(SAEConfig(d_in=24, d_sae=40, k=5, architecture=arch, normalization=normalization,
@@ -23,13 +25,7 @@ def test_save_load_is_bit_identical(tmp_path, arch):
     sae = trained_like_sae(arch)
     sae.save(tmp_path / "ckpt")
     loaded = SAE.load(tmp_path / "ckpt")
-    assert loaded.cfg == sae.cfg
-    a, b = sae.state_dict(), loaded.state_dict()
-    assert a.keys() == b.keys()
-    for name in a:
-        # Bitwise (NaN == NaN here: a fresh batchtopk threshold is NaN).
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)), name
+    assert_same_saved_sae(sae, loaded)
     x = torch.randn(9, 24)
     sae.eval(), loaded.eval()
     assert torch.equal(sae(x).recon, loaded(x).recon)

@@ -13,6 +13,8 @@ from saeengine.cli import main as cli_main
 from saeengine.store import ActivationWriter
 from saeengine.synthetic import dictionary_recovery
 
+from conftest import assert_same_saved_sae
+
 N_COARSE, N_CHILDREN, D = 8, 4, 32
 
 
@@ -132,11 +134,7 @@ def test_save_load_keeps_everything(tmp_path, fields):
         sae(x[:64]).loss.backward()
     sae.save(tmp_path / "ckpt")
     loaded = SAE.load(tmp_path / "ckpt")
-    assert loaded.cfg == sae.cfg
-    a, b = sae.state_dict(), loaded.state_dict()
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert_same_saved_sae(sae, loaded)
     sae.train(), loaded.train()
     assert torch.equal(sae(x[64:128]).loss, loaded(x[64:128]).loss)  # the same next draws
     sae.eval(), loaded.eval()

@@ -43,9 +43,9 @@ def record(tmp_path, monkeypatch):
     """An empty record file that auto reads instead of the package's."""
     path = tmp_path / "gpu_validation.json"
     monkeypatch.setattr(validation, "RECORD_FILE", path)
-    validation._cached_record.cache_clear()
+    validation.refresh()
     yield path
-    validation._cached_record.cache_clear()
+    validation.refresh()
 
 
 @pytest.fixture
@@ -140,6 +140,9 @@ def test_a_record_for_the_current_hash_makes_auto_choose_it(sources, record, fak
     assert backends.choose("auto", "mark_fired", fake_gpu).name == "reference"  # not recorded
 
     (sources / "csrc/topk_select.cu").write_bytes(b"// an edit after the GPU run\n")
+    # auto checks the sources once per process; a new process (here: a refresh) sees the edit
+    assert backends.choose("auto", "topk_select", fake_gpu).name == "radix"
+    validation.refresh()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="saeengine"):
         assert backends.choose("auto", "topk_select", fake_gpu).name == "reference"

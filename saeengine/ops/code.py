@@ -19,15 +19,12 @@ class SparseCode:
     aux:     the AuxK code over dead latents ([N, k_aux]) when it was asked for.
     latent_index: by-latent index of ``indices`` built by the fast encoder when gradients
              are needed; the decoder's backward reuses it (one sort per step).
-    penalty: scalar sparsity penalty of the batch for the architectures trained with one
-             (L1 of the activations for "relu", the straight-through L0 for "jumprelu").
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     aux: Optional["SparseCode"] = None
     latent_index: Optional[LatentIndex] = None
-    penalty: Optional[torch.Tensor] = None
 
     @property
     def k(self) -> int:

@@ -57,7 +57,7 @@ def simulated(env: Environment):
     validation = (lambda impl: "") if env.validated else (
         lambda impl: "never validated (simulated)" if impl.needs_validation else "")
     with mock.patch.object(backends, "_need_problem", need_problem), \
-            mock.patch("saeengine.validation.validation_problem", validation), \
+            mock.patch("saeengine.validation.cached_validation_problem", validation), \
             mock.patch.dict("os.environ", {"SAEENGINE_BACKEND": ""}):
         yield torch.device(env.device)
 

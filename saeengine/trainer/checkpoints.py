@@ -183,7 +183,7 @@ def _pair_runs(path: Path, runs, saved_runs: dict) -> list[tuple[object, str]]:
 def restore_checkpoint(path: Path, runs, source) -> int:
     """Load the checkpoint at ``path`` into ``runs`` and ``source``, after checking that
     the runs continue it; returns its step."""
-    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     step = int(state["step"])
     pairs = _pair_runs(path, runs, state["runs"])
     for run, name in pairs:
