@@ -38,9 +38,10 @@ def test_trainer_overhead_benchmark_runs(tmp_path):
                     "--k", "4", "--batch", "256", "--steps", "30", "--out", str(out)], check=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["bare_tokens_per_s"] > 0 and result["trainer_tokens_per_s"] > 0
-    # The trainer runs that step plus the loader and the bookkeeping: it cannot be much
-    # faster (noise aside), and on CPU at this size it is not 10x slower either.
-    assert 0.1 < result["trainer_fraction"] < 1.5
+    # Both rates count tokens per second of the same step (the trainer adds the loader and
+    # the bookkeeping): a unit slip (steps for tokens: x256 here, ms for s: x1000) lands
+    # far outside this band, timing noise on a shared 2-core machine does not.
+    assert 0.05 < result["trainer_fraction"] < 5
     assert result["commit"] and result["steps"] == 30
 
 
