@@ -262,6 +262,12 @@ def test_dense_code_works_where_sparse_codes_do():
     last = torch.zeros(F, dtype=torch.int64)
     mark_fired_(last, code.indices, code.values, 77, backend="torch")
     assert torch.equal(last, torch.where(fired, 77, 0))
+    # what the trainer reads: one pair per latent, the same stamps
+    indices, values = code.fired_pairs()
+    assert indices.shape == values.shape == (1, F)
+    last_compact = torch.zeros(F, dtype=torch.int64)
+    mark_fired_(last_compact, indices, values, 77, backend="torch")
+    assert torch.equal(last_compact, last)
     # decode takes a sparse code of the same activations, too (e.g. an edited one)
     sparse = ops.SparseCode(*act.topk(F, dim=1))
     torch.testing.assert_close(sae.decode(sparse, backend="torch"), sae.decode(code), atol=1e-5, rtol=1e-5)

@@ -20,10 +20,9 @@ class DenseCode:
 
     values: [N, F] activations, 0 where a latent is off (differentiable).
     indices: [N, F] int64, the latent of each column (``arange(F)`` broadcast over the rows,
-        no memory of its own), so that what reads (values, indices) pairs works unchanged:
-        ``ForwardOutput.l0``, ``saeengine.optim.mark_fired_`` and ``fired_rows``. Those
-        then touch all N*F pairs: fine for the dense architectures, whose encoder already
-        costs N*F.
+        no memory of its own), so that what reads (values, indices) pairs works unchanged
+        (``ForwardOutput.l0``). The training bookkeeping reads :meth:`fired_pairs`
+        instead: one pair per latent, not N*F.
     aux, latent_index: always None (no AuxK code; no by-latent index, decoding is a matmul).
     """
 
@@ -39,6 +38,14 @@ class DenseCode:
     @property
     def k(self) -> int:
         return self.values.shape[1]
+
+    def fired_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([1, F] latents, [1, F] each latent's largest activation of the batch): positive
+        exactly for the latents that fired, so mark_fired_ and fired_rows sort F entries,
+        not N*F."""
+        f = self.values.shape[1]
+        return (torch.arange(f, device=self.values.device)[None],
+                self.values.detach().amax(0, keepdim=True))
 
     def to_dense(self, d_sae: int) -> torch.Tensor:
         """[N, d_sae] dense activations: ``values`` itself."""

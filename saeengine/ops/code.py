@@ -30,6 +30,10 @@ class SparseCode:
     def k(self) -> int:
         return self.values.shape[1]
 
+    def fired_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) whose positive values mark the latents that fired: the code itself."""
+        return self.indices, self.values
+
     def to_dense(self, d_sae: int) -> torch.Tensor:
         """[N, d_sae] dense activations (for inspection; the engine never needs this)."""
         dense = torch.zeros(self.values.shape[0], d_sae, dtype=self.values.dtype, device=self.values.device)

@@ -62,10 +62,12 @@ def _flagged_first(values: torch.Tensor, flags: torch.Tensor) -> DeferredLatents
 @torch.no_grad()
 def fired_rows(code, n_latents: int) -> DeferredLatents:
     """code: a SparseCode (values, indices [N, k]) with its AuxK code in ``code.aux`` or
-    None -> the latents with a positive value in either (the rows that get gradient),
-    deferred: found before the backward is queued, read after it."""
+    None, or a DenseCode -> the latents with a positive value in either (the rows that get
+    gradient), deferred: found before the backward is queued, read after it. Reads each
+    code's ``fired_pairs()`` (a dense code's is one pair per latent)."""
     codes = [code] + ([code.aux] if code.aux is not None else [])
-    keys = torch.cat([torch.where(c.values > 0, c.indices, n_latents).reshape(-1) for c in codes])
+    keys = torch.cat([torch.where(values > 0, indices, n_latents).reshape(-1)
+                      for indices, values in (c.fired_pairs() for c in codes)])
     ordered = torch.sort(keys).values  # not fired -> n_latents, sorted to the end
     return _flagged_first(ordered, run_starts(ordered) & (ordered < n_latents))
 

@@ -114,7 +114,7 @@ class TrainStep:
             loss = out.loss + cfg.sparsity_coefficient * cfg.sparsity_factor(index) * out.sparsity
         fired = fired_rows(out.code, cfg.d_sae) if opt.needs_rows else None
         self.tokens_seen += x.shape[0]
-        mark_fired_(self.last_fired, out.code.indices, out.code.values, self.tokens_seen, backend=self._backend)
+        mark_fired_(self.last_fired, *out.code.fired_pairs(), self.tokens_seen, backend=self._backend)
         self._next_dead = dead_latents_later(self.dead) if self._auxk else None
         opt.zero_grad(set_to_none=True)
         loss.backward()

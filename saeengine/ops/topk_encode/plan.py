@@ -162,10 +162,10 @@ def plan_topk_encode(backend: str, device: torch.device | str, *, dtype: torch.d
     auxk_select = _select_for(select, named, device, k_aux, dtype) if auxk in ("chunked", "dense") else None
     backward = None if not needs_grad else ("autograd" if main == "reference" else "segment-sum")
     plan = TopKEncodePlan(main, main_select, auxk, auxk_select, backward, weight_read, bool(flags))
-    _log_plan(str(plan), device.type, k, k_aux, n_subset)
+    _log_plan(plan, device.type, k, k_aux, n_subset)  # a cache hit formats nothing
     return plan
 
 
 @functools.lru_cache(maxsize=1024)
-def _log_plan(plan: str, device: str, k: int, k_aux: int, n_subset: int) -> None:
+def _log_plan(plan: TopKEncodePlan, device: str, k: int, k_aux: int, n_subset: int) -> None:
     log.info("saeengine: %s on %s for k=%d, k_aux=%d over %d latents", plan, device, k, k_aux, n_subset)
