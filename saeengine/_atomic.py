@@ -3,10 +3,49 @@ write under a temporary name, flush to disk, rename over the target, sync the fo
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
+
+from .errors import DiskFullError
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Below this much free space, a failed write is taken as a full disk even when the writer
+# hides the errno (torch.save reports a full disk as "unexpected pos").
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_full(exc: BaseException, directory: Path) -> bool:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(directory).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_error(path: Path, exc: BaseException) -> DiskFullError:
+    """The error for a write of ``path`` that failed because its disk is full."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    err = DiskFullError(f"the disk is full: writing {path} failed ({free}); nothing half-written was kept. "
+                        f"Free some space or write elsewhere, then run again ({type(exc).__name__}: {exc})")
+    err.errno = errno.ENOSPC
+    return err
+
+
+def raise_if_disk_full(path: Path, exc: BaseException) -> None:
+    """Re-raise ``exc`` as a :class:`DiskFullError` if it came from a full disk."""
+    if not isinstance(exc, DiskFullError) and _disk_full(exc, Path(path).parent):
+        raise disk_full_error(path, exc) from exc
 
 
 def fsync_directory(directory: Path) -> None:
@@ -24,14 +63,21 @@ def fsync_directory(directory: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary path beside ``path``, then move it into place."""
+    """Call ``write(tmp)`` for a temporary path beside ``path``, then move it into place.
+
+    A full disk raises :class:`~saeengine.errors.DiskFullError` and leaves ``path`` as it was.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            raise_if_disk_full(path, exc)
+            raise
         fsync_directory(path.parent)
     finally:
         if tmp.exists():
