@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from saeengine._native import load_extension
+from saeengine.errors import SAEEngineError
 
 log = logging.getLogger("saeengine")
 
@@ -122,7 +123,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
 }
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(SAEEngineError, RuntimeError):
     """An explicitly requested implementation cannot run here; the message says why."""
 
 

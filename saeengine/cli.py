@@ -1,69 +1,93 @@
-"""Command line: ``saeengine demo`` (the embedded default job), ``demo-synthetic`` and ``train``.
+"""Command line: ``saeengine demo`` (the embedded default job), ``demo-synthetic``, ``train``
+and ``record`` (saeengine.cli_record). This module builds the parser and dispatches; the
+commands are in saeengine.cli_commands, their options in cli_options, sweeps in
+cli_sweeps, and how failures print in cli_failures.
 
 Options come from the fields of the config dataclasses; each field's docstring is its help.
+
+Manners: a failure prints one line, ``saeengine <command>: error: <message>``, and exits 1;
+a usage error (argparse, a bad ``--sweep``) prints one line and exits 2; Ctrl-C exits 130
+with a line saying what was kept; ``--debug`` prints the traceback instead. An exception
+that saeengine did not mean to raise (a bug) says so and points at ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import json
+import difflib
+import importlib
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+from .cli_commands import (final_metrics, interrupted_demo, interrupted_record, interrupted_train, run_demo,
+                           run_demo_synthetic, run_train, train_configs)
+from .cli_failures import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, one_line, report
+from .cli_options import FALSE_WORDS, TRUE_WORDS, add_dataclass_options, parse_value, train_choices
+from .cli_sweeps import RUN_NAME_FIELDS, parse_sweeps, sweep_configs, unsweepable
+
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "RUN_NAME_FIELDS", "UsageError",
+           "add_dataclass_options", "build_parser", "final_metrics", "main", "parse_sweeps", "parse_value",
+           "sweep_configs", "train_configs", "unsweepable"]
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after the field) of a dataclass."""
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line that points at ``--help``, and that
+    remembers its option strings (to suggest the closest one for a typo)."""
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.__dict__.setdefault("flags", []).extend(action.option_strings)
+        return action
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    docs = _field_docs(cls)
-    for f in dataclasses.fields(cls):
-        flag = f"--{f.name.replace('_', '-')}"
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help_text)
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    run: Callable[[argparse.Namespace], int]
+    interrupted: Callable[[argparse.Namespace], str]
+    any_arguments: bool = False  # the stand-in of a command that cannot load takes any
 
 
-def _dataclass_from_args(cls, args: argparse.Namespace):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in fields})
+def _record_command() -> tuple[Callable, Callable] | ImportError | None:
+    """(add_record_parser, run_record) from saeengine.cli_record; None when that module does
+    not exist, the ImportError when it exists but cannot be imported (a missing package)."""
+    try:
+        cli_record = importlib.import_module(f"{__package__}.cli_record")
+    except ModuleNotFoundError as err:
+        return None if err.name == f"{__package__}.cli_record" else err
+    except ImportError as err:
+        return err
+    return cli_record.add_record_parser, cli_record.run_record
 
 
-def _sweep_configs(base, sweep: list[str]):
-    """``--sweep k=16,32`` (repeatable): one config per combination, each named after it."""
-    configs = [base]
-    types = {f.name: type(f.default) for f in dataclasses.fields(base)}
-    for spec in sweep:
-        key, _, values = spec.partition("=")
-        key = key.strip().replace("-", "_")
-        if key not in types or not values:
-            raise SystemExit(f"saeengine train: --sweep {spec!r} must be FIELD=V1,V2,... with a TrainConfig field")
-        configs = [dataclasses.replace(c, **{key: types[key](v)}) for c in configs for v in values.split(",")]
-    if sweep:
-        configs = [dataclasses.replace(c, name=c.name or f"{c.run_name}") for c in configs]
-    return configs
+def _unavailable(err: ImportError) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise ImportError(f"the record command cannot be loaded: {one_line(err)} (pip install 'saeengine[vision]' "
+                          f"installs what it needs)")
+    return run
+
+
+def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
+    if "--debug" not in getattr(parser, "flags", []):
+        parser.add_argument("--debug", action="store_true", default=default,
+                            help="print the full traceback of an error instead of one line")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
     from .demo_synthetic import SyntheticDemoConfig
+    from .trainer import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="saeengine", description="Fast sparse autoencoders for vision models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="saeengine", description="Fast sparse autoencoders for vision models.",
+                     epilog="Errors print one line (exit code 1; 2 for a usage error; 130 when interrupted); "
+                            "--debug prints the traceback.")
+    _add_debug(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, _Command] = {}
+
     demo = sub.add_parser("demo", help="record EfficientNet-Lite0 features of bundled images, train an SAE, "
                                        "write an HTML report",
                           description="The embedded default job, offline: record EfficientNet-Lite0 features of "
@@ -71,53 +95,90 @@ def build_parser() -> argparse.ArgumentParser:
                                       "FVU, L0 and dead %, and write an HTML report of the strongest latents.")
     add_dataclass_options(demo, DemoConfig)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    commands["demo"] = _Command(run_demo, interrupted_demo)
+
     synthetic = sub.add_parser("demo-synthetic", help="train a TopK SAE on a planted sparse dictionary",
                                description="Train a TopK SAE on synthetic activations built from a planted sparse "
                                            "dictionary; print FVU, L0, dead fraction and dictionary recovery.")
     add_dataclass_options(synthetic, SyntheticDemoConfig)
     synthetic.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-    from .trainer import TrainConfig
+    commands["demo-synthetic"] = _Command(run_demo_synthetic, interrupted_demo)
 
     train = sub.add_parser("train", help="train an SAE (or a sweep) on an activation store",
-                           description="Train SAEs on a recorded activation store. Every SAE of a sweep reads "
-                                       "the same batches. Re-running the same command resumes from the latest "
-                                       "checkpoint in --out-dir.")
+                           description="Train SAEs on a recorded activation store and print each one's final "
+                                       "FVU, L0 and dead % (of the last step) and its folder. Every SAE of a "
+                                       "sweep reads the same batches. Re-running the same command resumes from "
+                                       "the latest checkpoint in --out-dir.")
     train.add_argument("--data", required=True, help="activation store directory (see saeengine.store)")
     train.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
-                       help="train one SAE per value (repeat for a grid), e.g. --sweep k=16,32,64")
-    add_dataclass_options(train, TrainConfig)
+                       help="train one SAE per value (repeat for a grid over several fields), e.g. --sweep k=16,32 "
+                            "--sweep auxk=true,false; separate values with ';' when they hold commas "
+                            "(matryoshka_prefixes='8,64;16,64'). Booleans are true/false/1/0/yes/no. A field "
+                            "swept is not also given as a flag. Settings of the whole run, and the name, are not "
+                            f"swept: {', '.join(sorted(unsweepable()))}. Each SAE is named after its values: the "
+                            "default name plus -<field><value> for each field the default name does not show "
+                            "(it shows " + ", ".join(RUN_NAME_FIELDS) + "), or with --name PREFIX, "
+                            "PREFIX-<field><value>...")
+    add_dataclass_options(train, TrainConfig, train_choices())
+    commands["train"] = _Command(run_train, interrupted_train)
+
+    record = _record_command()
+    if isinstance(record, tuple):
+        add_record_parser, run_record = record
+        add_record_parser(sub)
+        commands["record"] = _Command(run_record, interrupted_record)
+    elif isinstance(record, ImportError):
+        why = one_line(record)
+        sub.add_parser("record", help=f"unavailable: {why}".replace("%", "%%"),
+                       description=f"saeengine record cannot be loaded: {why}")
+        commands["record"] = _Command(_unavailable(record), interrupted_record, any_arguments=True)
+
+    for name, command_parser in sub.choices.items():
+        _add_debug(command_parser, argparse.SUPPRESS)  # --debug after the command as well
+        command_parser.set_defaults(_parser=command_parser, _command=commands[name])
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    command = getattr(args, "_command", None)
+    if extra and not (command and command.any_arguments):
+        target = getattr(args, "_parser", parser)
+        # argparse names no close match for a mistyped option: this does
+        hints = [f"{word}: did you mean {close[0]}?" for word in (w.split("=")[0] for w in extra if w.startswith("--"))
+                 for close in [difflib.get_close_matches(word, getattr(target, "flags", []), n=1)] if close]
+        hints += [f"{word}: an on/off option takes no value (--x turns it on, --no-x off)" for word in extra
+                  if word.lower() in TRUE_WORDS + FALSE_WORDS]
+        target.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import DemoConfig, run_demo
-
-        report = run_demo(_dataclass_from_args(DemoConfig, args), progress=not args.no_progress)
-        print(json.dumps(report, indent=2))
-        print(f"\nFVU {report['fvu']:.4f} | L0 {report['l0']:.2f} | dead {report['dead_fraction']:.1%} | "
-              f"{report['total_seconds']:.0f} s\nreport: {report['report']}")
-        return 0
-    if args.command == "demo-synthetic":
-        from .demo_synthetic import SyntheticDemoConfig, run_synthetic_demo
-
-        report = run_synthetic_demo(_dataclass_from_args(SyntheticDemoConfig, args), progress=not args.no_progress)
-        print(json.dumps(report, indent=2))
-        print(f"\nFVU {report['fvu']:.4f} | L0 {report['l0']:.2f} | dead {report['dead_fraction']:.1%} | "
-              f"planted-dictionary recovery (mean max cos) {report['recovery_mean_max_cos']:.3f} | "
-              f"checkpoint {report['checkpoint']}")
-        return 0
-    if args.command == "train":
-        from .trainer import TrainConfig, train
-
-        configs = _sweep_configs(_dataclass_from_args(TrainConfig, args), args.sweep)
-        saes = train(args.data, configs)
-        for cfg, sae in zip(configs, saes):
-            print(f"{cfg.run_name}: {sae.cfg.d_sae} latents -> {cfg.out_dir}/{cfg.run_name}")
-        return 0
-    return 1
+    """Run the command line; returns the exit code (argparse's usage errors raise SystemExit(2))."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # until the arguments are parsed
+    prog, args = "saeengine", None
+    try:
+        parser = build_parser()
+        args = _parse(parser, argv)
+        prog, debug = args._parser.prog, args.debug
+        try:
+            return args._command.run(args)
+        except UsageError as err:
+            args._parser.error(str(err))
+    except KeyboardInterrupt as err:
+        if debug:
+            report(prog, err, debug)
+        try:
+            said = args._command.interrupted(args) if args is not None else "interrupted"
+        except Exception:  # noqa: BLE001 - never let the note of an interrupt raise
+            said = "interrupted"
+        print(f"{prog}: {said}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - every error becomes one line (or the traceback with --debug)
+        report(prog, err, debug)
+        return EXIT_FAILURE
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

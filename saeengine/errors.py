@@ -51,3 +51,7 @@ class LockedError(SAEEngineError, RuntimeError):
 
 class DiskFullError(SAEEngineError, OSError):
     """The disk filled up while writing; nothing half-written was left under a real name."""
+
+
+class DataError(SAEEngineError, ValueError):
+    """Data that cannot serve as given: too few rows, or no spread to normalize by."""

@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from . import losses
-from .architectures import Code, Kernels, auxk_request, check_k, decode_code, get_architecture
+from .architectures import Code, DenseCode, Kernels, auxk_request, check_k, decode_code, get_architecture
 from .config import SAEConfig
+from .errors import DataError, NonFiniteError
 from .ops import _checks
+from .ops.code import SparseCode
 
 
 @dataclass
@@ -54,6 +56,20 @@ class ForwardOutput:
     def l0(self) -> torch.Tensor:
         """Mean number of active latents per token."""
         return (self.code.values > 0).sum(1).float().mean()
+
+
+MIN_RELATIVE_SPREAD = 1e-5  # fit_normalization: a smaller spread (relative to the mean) counts as none
+
+
+def _raise_if_nonfinite(name: str, t: torch.Tensor, fix: str) -> None:
+    """NonFiniteError naming the count and the first row of t [N, d] holding NaN or inf
+    (one host sync when all is finite)."""
+    if bool(torch.isfinite(t).all()):
+        return
+    bad = ~torch.isfinite(t)
+    row = int(bad.any(1).nonzero()[0, 0])
+    raise NonFiniteError(f"{name} has {int(bad.sum())} non-finite values (NaN or inf), the first in row {row} "
+                         f"({t[row][bad[row]][0].item()}); {fix}")
 
 
 def _compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -100,14 +116,38 @@ class SAE(nn.Module):
     # ----- normalization -------------------------------------------------------------
     @torch.no_grad()
     def fit_normalization(self, sample: torch.Tensor) -> None:
-        """Estimate the "mean_norm" statistics from a sample [M, d_in] of activations."""
+        """Estimate the "mean_norm" statistics from a sample [M, d_in] of activations.
+
+        The sample is checked whatever the normalization (the same data feeds training):
+        a non-finite value (also one that overflows float32) raises NonFiniteError naming
+        its first row; an empty sample raises DataError. For "mean_norm", fewer than 2
+        rows, or rows without spread (a scale under MIN_RELATIVE_SPREAD of the mean's RMS:
+        normalizing would divide by ~0), raise DataError too.
+        """
+        _checks.check_matrix("sample", sample, cols=self.cfg.d_in, what=f"[M, d_in={self.cfg.d_in}]")
+        _checks.check_float("sample", sample)
+        sample = sample.to(device=self.norm_mean.device, dtype=torch.float32)
+        _raise_if_nonfinite("sample", sample, "clean the activations before fitting the normalization")
+        needed = 1 if self.cfg.normalization == "none" else 2
+        if sample.shape[0] < needed:
+            raise DataError(f"sample has {sample.shape[0]} rows; fit_normalization needs at least {needed} rows of "
+                            "activations (a few thousand give stable statistics)")
         if self.cfg.normalization == "none":
             return
-        sample = sample.to(device=self.norm_mean.device, dtype=torch.float32)
         mean = sample.mean(0)
         scale = (sample - mean).norm(dim=1).mean() / math.sqrt(self.cfg.d_in)
+        if not bool(torch.isfinite(scale)):
+            raise NonFiniteError(f"sample's spread overflows float32 (max |value| {float(sample.abs().max()):.3g}); "
+                                 "rescale the activations before fitting the normalization")
+        # Equal rows leave float32 rounding (~1e-7 of their size) as spread, not 0.
+        rms_mean = float(mean.norm()) / math.sqrt(self.cfg.d_in)
+        floor = max(MIN_RELATIVE_SPREAD * rms_mean, torch.finfo(torch.float32).tiny)
+        if not float(scale) > floor:
+            raise DataError(f"sample's {sample.shape[0]} rows are all equal (spread {float(scale):.3g}): "
+                            "normalization='mean_norm' would divide by that scale; fit it on varied activations, "
+                            "or use normalization='none'")
         self.norm_mean.copy_(mean)
-        self.norm_scale.copy_(scale.clamp_min(torch.finfo(torch.float32).tiny))
+        self.norm_scale.copy_(scale)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.normalization == "none":
@@ -136,7 +176,7 @@ class SAE(nn.Module):
             raise ValueError(f"x is on {x.device} but the SAE is on {self.W_enc.device}; "
                              f"move one of them (x.to({str(self.W_enc.device)!r}) or sae.to(...))")
         if check:
-            _checks.check_finite("x", x)
+            _raise_if_nonfinite("x", x, "clean the activations, or pass check=False to skip this check")
 
     def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> Code:
         """x [N, d_in] raw activations -> the code: SparseCode (values, indices [N, k]) or
@@ -151,6 +191,11 @@ class SAE(nn.Module):
     def decode(self, code: Code, *, backend: str = "auto") -> torch.Tensor:
         """A SparseCode or a DenseCode -> [N, d_in] reconstruction in the raw input space
         (the full dictionary, for every architecture)."""
+        if not isinstance(code, (SparseCode, DenseCode)):
+            raise TypeError(f"decode takes the code that encode returns (a SparseCode or a DenseCode), got "
+                            f"{type(code).__name__}; wrap dense activations [N, d_sae] as DenseCode(values)")
+        if isinstance(code, DenseCode):  # a SparseCode's layout is checked by ops.sparse_decode
+            _checks.check_matrix("code.values", code.values, cols=self.cfg.d_sae, what=f"[N, d_sae={self.cfg.d_sae}]")
         return self.denormalize(decode_code(self, code, backend))
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *,
@@ -160,7 +205,7 @@ class SAE(nn.Module):
         """Normalize (fp32, cast once to the compute dtype) -> encode -> decode -> losses.
 
         Args:
-            x: [N, d_in] raw activations (N >= 2 for a defined FVU).
+            x: [N, d_in] raw activations, N >= 2 (the FVU is over the batch; DataError otherwise).
             dead_mask: [d_sae] bool, True for dead latents: AuxK over them (architectures
                 with ``uses_auxk``); listing them is one host sync.
             backend: op backend (see saeengine.backends).
@@ -184,6 +229,9 @@ class SAE(nn.Module):
             auxk_loss, loss and sparsity).
         """
         self._check_input(x, check)
+        if x.shape[0] < 2:
+            raise DataError(f"forward computes the batch's FVU, which needs N >= 2 rows, got {x.shape[0]}; for the "
+                            "reconstruction of single rows use sae.decode(sae.encode(x))")
         check_k(self.architecture, k)
         # None when AuxK is off, or nothing is dead (or k_aux = 0)
         auxk = auxk_request(self.architecture, x, dead_mask, dead_latents, check)
@@ -230,14 +278,18 @@ class SAE(nn.Module):
 
     # ----- checkpoints ------------------------------------------------------------------
     def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
-        """Write ``sae.safetensors`` and ``config.json`` to ``directory`` (atomically each)."""
+        """Write ``sae.safetensors`` and ``config.json`` to ``directory`` (atomically each,
+        with the weights' SHA-256; a poisoned SAE raises NonFiniteError: see
+        :mod:`saeengine.checkpoint`)."""
         from .checkpoint import save_sae
 
         return save_sae(self, directory, provenance)
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> "SAE":
-        """Read a checkpoint written by :meth:`save`; errors name the file and the field."""
+        """Read a checkpoint written by :meth:`save`, verified (checksum, every field, the
+        tensors' shapes, finiteness: :mod:`saeengine.checkpoint`); a CheckpointError names
+        the file and the field."""
         from .checkpoint import load_sae
 
         return load_sae(directory, device)

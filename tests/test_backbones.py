@@ -40,7 +40,24 @@ def tiny_open_clip():
                                 text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
 
 
-# (family, builder, expected prefix kinds, patches per image)
+def tiny_efficientnet():
+    """EfficientNet-Lite0's architecture at 32 px with random weights, re-drawn at a larger
+    scale (the default init gives maps that both memory layouts happen to round alike)."""
+    lite = pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 needs efficientnet_lite_pytorch")
+    model = lite.EfficientNet.from_name("efficientnet-lite0")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2)
+    backbone = efficientnet_lite(model)
+    backbone.image_size = 32
+    return backbone
+
+
+# (family, builder, expected prefix kinds, patches per image at blocks.1)
 FAMILIES = [
     ("clip", lambda: transformers_vision(tiny_transformers("clip")), ["cls"], 16),
     ("siglip", lambda: transformers_vision(tiny_transformers("siglip")), [], 16),
@@ -48,6 +65,7 @@ FAMILIES = [
     ("vit", lambda: transformers_vision(tiny_transformers("vit")), ["cls"], 16),
     ("timm", lambda: timm_vit(tiny_timm()), ["cls", "register"], 16),
     ("open_clip", lambda: open_clip_vision(tiny_open_clip()), ["cls"], 16),
+    ("efficientnet", tiny_efficientnet, [], 8 * 8),  # feature maps: the spliced one must keep its layout
 ]
 
 
@@ -58,7 +76,11 @@ def random_images(n, size=40, seed=0):
 
 def hidden_after(backbone, layer, pixels):
     caught = {}
-    handle = backbone.layer_module(layer).register_forward_hook(lambda m, i, o: caught.setdefault("t", backbone.to_tokens(o)))
+
+    def catch(module, inputs, output):  # returns None: a hook's return value would replace the output
+        caught.setdefault("t", backbone.to_tokens(output))
+
+    handle = backbone.layer_module(layer).register_forward_hook(catch)
     with torch.no_grad():
         out = backbone.forward(pixels)
     handle.remove()
@@ -129,6 +151,36 @@ def test_efficientnet_lite0_records_real_images_offline(tmp_path):
     grid = store.meta.extra["tokens_per_image"]
     assert store.n_tokens == 2 * grid and store.d_in == 80 and grid == 14 * 14
     assert store.sources([grid + 3])[0].tolist() == [1]
+    pixels = backbone.preprocess(images)  # splicing the real model is exact too (it was 1.3e-5 off)
+    sae = SAE(SAEConfig(d_in=80, d_sae=64, k=4), seed=0)
+    with torch.no_grad(), splice(backbone, "blocks.5", sae):
+        spliced = backbone.forward(pixels)
+    assert torch.equal(spliced, logits)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_splice_keeps_signed_zeros_and_the_block_layout(memory_format):
+    """x - (+0.0) is x for every float, -0.0 included (x + 0.0 is not), and the block's
+    output goes back in the memory layout it came out in."""
+    from saeengine.backbones import Backbone
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+
+        def forward(self, x):
+            return self.blocks[0](x.contiguous(memory_format=memory_format))
+
+    backbone = Backbone(Model(), "identity", image_size=4, mean=(0, 0, 0), std=(1, 1, 1), spatial=True)
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 0, :2] = -0.0
+    sae = SAE(SAEConfig(d_in=3, d_sae=16, k=2), seed=0)
+    with torch.no_grad(), splice(backbone, "blocks.0", sae):
+        out = backbone.forward(x)
+    reference = backbone.forward(x)
+    assert torch.equal(out.view(torch.int32), reference.view(torch.int32))  # bit for bit, signs of zeros too
+    assert out.stride() == reference.stride()
 
 
 def test_layer_names_and_errors():

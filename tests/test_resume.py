@@ -1,6 +1,6 @@
 """Resume rules, with real SIGKILLs: a killed run resumed with other logging settings ends
 bit for bit where the uninterrupted run does; total_tokens may grow; a change of the math
-or of the data is refused with the field and both values; checkpoints of the earlier
+is refused with the field and both values, other data with both identities; checkpoints of the earlier
 format (a TrainConfig with ``weight_copies``) still resume.
 
 The killed runs are forked processes that SIGKILL themselves at a chosen point of the
@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 import saeengine
 from saeengine import TrainConfig
 from saeengine.checkpoint import CheckpointError
+from saeengine.errors import DataMismatchError
 from saeengine.store import ActivationWriter
 from saeengine.synthetic import planted_dictionary
 
@@ -261,8 +262,8 @@ def test_other_data_is_refused_naming_both(finished, data_file):
     identity = saeengine.trainer.data.TensorBatches(data, BATCH, 0, torch.device("cpu")).identity()
     other = saeengine.trainer.data.TensorBatches(changed, BATCH, 0, torch.device("cpu")).identity()
     assert identity["sha256"] != other["sha256"]
-    with pytest.raises(CheckpointError, match=rf"the data differs: this run reads .*{other['sha256']}.* but the "
-                                              rf"checkpoint was trained on .*{identity['sha256']}"):
+    with pytest.raises(DataMismatchError, match=rf"the data differs: this run reads .*{other['sha256']}.* but the "
+                                                rf"checkpoint was trained on .*{identity['sha256']}"):
         saeengine.train(changed, finished)
 
 
@@ -277,8 +278,8 @@ def test_another_store_is_refused_naming_both_hashes(tmp_path, data_file):
     first, second = _store(tmp_path / "a", data), _store(tmp_path / "b", data.flip(0))
     cfg = TrainConfig(**settings(tmp_path / "run", total_tokens=4 * BATCH, checkpoint_every_tokens=0))
     saeengine.train(first, cfg)
-    with pytest.raises(CheckpointError, match=rf"{second.content_hash}.* but the checkpoint was trained on "
-                                              rf".*{first.content_hash}"):
+    with pytest.raises(DataMismatchError, match=rf"{second.content_hash}.* but the checkpoint was trained on "
+                                                rf".*{first.content_hash}"):
         saeengine.train(second, cfg)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from saeengine.errors import LockedError
 from saeengine.store import (ActivationLoader, ActivationStore, ActivationWriter, StoreError,
                              StoreIncompleteError)
 
@@ -126,6 +127,9 @@ def test_bad_input_gets_clear_errors(tmp_path):
         writer.add(torch.randn(5, 7), np.zeros(5), np.zeros(5))
     with pytest.raises(ValueError, match="image_index has 4 entries for 5"):
         writer.add(torch.randn(5, D), np.zeros(4), np.zeros(5))
+    with pytest.raises(LockedError, match="in use by pid"):  # the first writer still holds the store
+        ActivationWriter(tmp_path / "s", d_in=D)
+    writer.abort()
     with pytest.raises(StoreError, match="not empty.*resume=True"):
         ActivationWriter(tmp_path / "s", d_in=D)
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
@@ -192,3 +196,52 @@ def test_loader_benchmark_smoke(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "GB/s" in proc.stdout and out.exists()
+
+
+def test_image_paths_progress_and_one_shard_per_flush(tmp_path):
+    names = ["a/1.jpg", "b/naïve name.png", "c/line\nbreak.tif", "d/\"quoted\".jpg"]
+    writer = ActivationWriter(tmp_path / "s", d_in=D, dtype="float32", auto_shard=False, shard_tokens=2)
+    assert writer.progress == {} and writer.n_images == 0
+    for i, name in enumerate(names):
+        writer.add_image_paths([name])
+        writer.add(torch.full((3, D), float(i)), [i] * 3, [0, 1, 2])  # buffered only: auto_shard=False
+        assert len(writer.meta.shards) == i
+        writer.flush({"images_done": i + 1, "note": [i]})
+        assert writer.progress == {"images_done": i + 1, "note": [i]} and writer.n_images == i + 1
+    writer.close()
+    store = ActivationStore(tmp_path / "s")
+    assert [s.tokens for s in store.meta.shards] == [3, 3, 3, 3]
+    assert store.image_paths == names and store.image_path(2) == names[2]
+    image, _ = store.sources([7])
+    assert store.image_path(int(image[0])) == "c/line\nbreak.tif"
+    assert store.meta.progress == {"images_done": 4, "note": [3]}
+
+
+def test_each_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
+    import saeengine.store.reader as reader
+    other = write_store(tmp_path / "t", torch.randn(1000, D), shard_tokens=300).directory  # 4 shards, verify=True
+    hashed = []
+    real = reader.file_digest
+    monkeypatch.setattr(reader, "file_digest", lambda *paths: hashed.append(paths[0].name) or real(*paths))
+    fresh = ActivationStore(other)  # verified by write_store in this process: not hashed again
+    for _ in ActivationLoader(fresh, 64, seed=0, epochs=2):
+        pass
+    assert hashed == []
+    os.utime(other / "shard-00002.bin", ns=(1, 1))  # a changed file is hashed again, on its first read
+    store = ActivationStore(other)
+    store.get([0])
+    assert hashed == []
+    for _ in ActivationLoader(store, 64, seed=0, epochs=2):
+        pass
+    assert hashed == ["shard-00002.bin"]  # once, not once per batch
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy", "slice"])
+def test_add_copies_the_callers_buffer(tmp_path, kind):
+    buffer = torch.randn(8, D)
+    rows = {"tensor": buffer, "numpy": buffer.numpy(), "slice": buffer[2:6]}[kind]
+    expected = torch.as_tensor(rows).clone()
+    with ActivationWriter(tmp_path / "s", d_in=D, dtype="float32") as writer:
+        writer.add(rows, np.arange(len(expected)), np.zeros(len(expected), dtype=int))
+        buffer.fill_(7.0)  # the caller reuses its buffer before the rows are written
+    assert torch.equal(ActivationStore(tmp_path / "s").get(np.arange(len(expected))), expected)

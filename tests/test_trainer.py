@@ -222,6 +222,21 @@ def _metric_lines(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_last_metrics_line_is_the_final_step(tmp_path, planted):
+    """What the CLI prints at the end of a run: the last line of metrics.jsonl is the final
+    step (logged even when log_every does not divide the steps), with fvu, l0 and dead;
+    a rerun of the finished run trains nothing and keeps it so."""
+    cfg = quick(tmp_path, total_tokens=23 * 256, log_every=10)
+    saeengine.train(planted.activations, cfg)
+    run_dir = tmp_path / "run" / cfg.run_name
+    lines = _metric_lines(run_dir)
+    assert [line["step"] for line in lines] == [0, 10, 20, 22]
+    assert lines[-1]["tokens"] == 23 * 256 and {"fvu", "l0", "dead"} <= set(lines[-1])
+    assert 0 <= lines[-1]["dead"] <= 1 and lines[-1]["l0"] <= 3
+    saeengine.train(planted.activations, cfg)
+    assert _metric_lines(run_dir) == lines
+
+
 def test_auxk_revives_dead_latents(tmp_path):
     """A setting built to have dead latents: an SAE with as many latents as planted atoms
     whose first half starts with encoder rows shrunk 20x, so those latents never win the

@@ -130,7 +130,10 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, mo
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.3)
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
-    x = torch.randn(16, 72, device=kernel_device)
+    # The interpreter runs the wide case (k_aux > 128) on fewer rows: same code paths, a
+    # third of the CPU time.
+    n_rows = 6 if kernel_device.type == "cpu" and k_aux > 128 else 16
+    x = torch.randn(n_rows, 72, device=kernel_device)
     dead = torch.zeros(f, dtype=torch.bool, device=kernel_device)
     dead[torch.randperm(f)[:n_dead]] = True
     ref_out, ref_grads = sae_grads(sae, x, dead, "torch")
@@ -159,8 +162,8 @@ def test_sae_forward_backward_triton_matches_torch_and_repeats(kernel_device, mo
         # Sized by bounds the host knows: min(N*k, F) rows for the main code, and for the
         # AuxK code at most the dead latents (all of them on the dense path). Less where
         # the CPU's sparse add merged the two codes' gradients.
-        aux_bound = n_dead if dense_auxk else min(16 * k_aux, n_dead)
-        assert W.grad._nnz() <= min(16 * 8, f) + aux_bound
+        aux_bound = n_dead if dense_auxk else min(n_rows * k_aux, n_dead)
+        assert W.grad._nnz() <= min(n_rows * 8, f) + aux_bound
     for name in grads:
         assert torch.equal(grads[name], sparse_grads[name]), f"sparse {name} gradient differs"
 

@@ -136,9 +136,10 @@ def _names_where(flag: str) -> str:
 def check_k(architecture: Architecture, k: int | None) -> None:
     """forward's ``k`` override: only for the architectures that select k, in [1, d_sae]."""
     d_sae = architecture.cfg.d_sae
-    if k is not None and (not architecture.selects_k or not 1 <= k <= d_sae):
-        raise ValueError(f"k={k} applies to {_names_where('selects_k')} SAEs and must lie in [1, d_sae={d_sae}]"
-                         f" (this SAE is {architecture.name!r})")
+    if k is not None and (not architecture.selects_k or not isinstance(k, int) or isinstance(k, bool)
+                          or not 1 <= k <= d_sae):
+        raise ValueError(f"k={k!r} applies to {_names_where('selects_k')} SAEs and must be an int in "
+                         f"[1, d_sae={d_sae}] (this SAE is {architecture.name!r})")
 
 
 def auxk_request(architecture: Architecture, x: torch.Tensor, dead_mask: torch.Tensor | None,

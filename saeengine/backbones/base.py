@@ -8,12 +8,14 @@ and preprocesses images the way the model expects.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+from .images import ImageSource
 
 BLOCK_LIST_NAMES = ("layers", "layer", "blocks", "resblocks", "_blocks")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,24 +34,10 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def load_images(images) -> list:
-    """A folder, a list of files, or a list of PIL images / HxWxC uint8 arrays -> list."""
-    from PIL import Image
-
-    if isinstance(images, (str, Path)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder of images")
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-        if not images:
-            raise FileNotFoundError(f"{folder} holds no .png/.jpg/.jpeg/.bmp/.webp images")
-    out = []
-    for image in images:
-        if isinstance(image, (str, Path)):
-            image = Image.open(image)
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        out.append(image.convert("RGB"))
-    return out
+    """A folder, a text file listing image paths, a list of files, or a list of PIL images /
+    arrays -> list of 8-bit RGB PIL images, all decoded now (record_activations streams
+    them instead; see images.py for what is read and how)."""
+    return list(ImageSource(images))
 
 
 class Backbone:
@@ -67,6 +55,12 @@ class Backbone:
         forward: how to run the model on pixels (default: ``model(pixels)``).
     """
 
+    #: Every sample of a batch has the same token kinds at the same positions (image models);
+    #: sequence models label positions per sample from their input ids.
+    fixed_layout = True
+    #: The token kinds this class of backbone labels (plus its ``prefix_kinds``).
+    TOKEN_KINDS: tuple[str, ...] = ("cls", "register", "patch")
+
     def __init__(self, model: nn.Module, name: str, *, image_size: int, mean: Sequence[float],
                  std: Sequence[float], prefix_kinds: Sequence[str] = (), spatial: bool = False,
                  blocks: nn.Module | None = None, forward: Callable[[torch.Tensor], object] | None = None):
@@ -82,11 +76,19 @@ class Backbone:
     def layer_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.blocks))]
 
-    def layer_module(self, layer: str) -> nn.Module:
-        prefix, _, index = layer.partition(".")
+    def layer_index(self, layer: str) -> int:
+        """"blocks.i" (i may count from the end: "blocks.-1") -> the block's index in 0..n-1."""
+        prefix, _, index = layer.partition(".") if isinstance(layer, str) else ("", "", "")
         if prefix != "blocks" or not index.lstrip("-").isdigit() or not -len(self.blocks) <= int(index) < len(self.blocks):
-            raise ValueError(f"{self.name} has layers blocks.0 .. blocks.{len(self.blocks) - 1}; got {layer!r}")
-        return self.blocks[int(index)]
+            raise ConfigError(f"{self.name} has layers blocks.0 .. blocks.{len(self.blocks) - 1}; got {layer!r}")
+        return int(index) % len(self.blocks)
+
+    def layer_module(self, layer: str) -> nn.Module:
+        return self.blocks[self.layer_index(layer)]
+
+    def token_kind_names(self) -> list[str]:
+        """The token kinds ``keep=`` may name for this backbone."""
+        return list(dict.fromkeys([*self.TOKEN_KINDS, *self.prefix_kinds]))
 
     # ----- tokens ------------------------------------------------------------------------
     def to_tokens(self, output) -> torch.Tensor:
@@ -102,6 +104,11 @@ class Backbone:
         if self.spatial:
             tokens = tokens.transpose(1, 2).reshape(hidden.shape)
         tokens = tokens.to(hidden.dtype)
+        if tokens.stride() != hidden.stride():
+            # Hand the next layers the block's own memory layout: rebuilt from tokens
+            # [B, T, d], a feature map is channels-last, and convolutions then pick other
+            # kernels, whose sums round differently (1e-5 on EfficientNet-Lite0).
+            tokens = torch.empty_like(hidden).copy_(tokens)
         return (tokens, *output[1:]) if isinstance(output, tuple) else tokens
 
     def token_kinds(self, n_tokens: int) -> list[str]:
@@ -114,9 +121,9 @@ class Backbone:
         batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
         return [self.token_kinds(n_tokens)] * batch
 
-    def load_inputs(self, items) -> list:
-        """What record_activations iterates over: images, for image models."""
-        return load_images(items)
+    def load_inputs(self, items) -> ImageSource:
+        """What record_activations iterates over: images, decoded one at a time when indexed."""
+        return ImageSource(items)
 
     def inputs_to(self, inputs, device: torch.device):
         if isinstance(inputs, torch.Tensor):
@@ -125,11 +132,12 @@ class Backbone:
 
     # ----- images ------------------------------------------------------------------------
     def preprocess(self, images) -> torch.Tensor:
-        """Images -> [B, 3, image_size, image_size] normalized float32."""
+        """Images (anything ``load_images`` takes) -> [B, 3, image_size, image_size] normalized
+        float32. Each image is decoded, resized and dropped before the next is read."""
         from PIL import Image
 
         batch = []
-        for image in load_images(images):
+        for image in ImageSource(images):
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
             batch.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
         pixels = torch.stack(batch)

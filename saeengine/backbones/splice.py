@@ -1,11 +1,15 @@
 """Run a backbone with an SAE spliced in at one layer: the block's output is replaced by
 the SAE's reconstruction, or by an edited one.
 
-With ``error_term=True`` the replacement is x + (decode(edited code) - decode(code)).
-Unedited, the added term is exactly zero, so the model's output is bit-for-bit
-unchanged until a latent is edited. Mathematically it equals the edited reconstruction
-plus the SAE's error, x - decode(code). With ``error_term=False`` the block's output
-becomes the (edited) reconstruction itself.
+With ``error_term=True`` the replacement is x - (decode(code) - decode(edited code)).
+Mathematically it equals the edited reconstruction plus the SAE's error,
+x - decode(code). Unedited, the subtracted term is exactly +0.0 and x - 0.0 is x for
+every float (signed zeros included), and the block's output goes back in the memory
+layout the block produced (a channels-last map would make later convolutions round
+differently). So the model's output is bit for bit unchanged until a latent is edited,
+for every family (tests/test_backbones.py), provided the SAE's reconstruction is finite
+(inf - inf is NaN). With ``error_term=False`` the block's output becomes the (edited)
+reconstruction itself.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def splice(backbone: Backbone, layer: str, sae, *, error_term: bool = True, edit
         code = sae.encode(flat, backend=backend, check=False)
         recon = sae.decode(code, backend=backend)
         edited = sae.decode(edit(code, b, t), backend=backend) if edit is not None else recon
-        new = flat + (edited - recon).to(flat.dtype) if error_term else edited.to(flat.dtype)
+        # x - (+0.0) is x exactly, where x + 0.0 would turn -0.0 into +0.0.
+        new = flat - (recon - edited).to(flat.dtype) if error_term else edited.to(flat.dtype)
         return backbone.from_tokens(output, new.reshape(b, t, d))
 
     handle = backbone.layer_module(layer).register_forward_hook(hook)

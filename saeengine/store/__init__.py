@@ -1,8 +1,9 @@
 """Activation store: sharded, memory-mapped recorded activations with their image/patch
-sources, a crash-safe writer, and a fast shuffled loader. See metadata.py for the format."""
+sources and image paths, a crash-safe and resumable writer, and a fast shuffled loader.
+See metadata.py for the format and reader.py for what is checked when."""
 
 from .loader import ActivationLoader, batch_positions, epoch_batches
-from .metadata import StoreError, StoreIncompleteError, StoreMetadata
+from .metadata import StoreCorruptError, StoreError, StoreIncompleteError, StoreMetadata
 from .reader import ActivationStore
 from .writer import ActivationWriter
 
@@ -10,6 +11,7 @@ __all__ = [
     "ActivationLoader",
     "ActivationStore",
     "ActivationWriter",
+    "StoreCorruptError",
     "StoreError",
     "StoreIncompleteError",
     "StoreMetadata",

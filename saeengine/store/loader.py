@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataMismatchError, StoreError
 from .reader import ActivationStore, as_tensor
 
 
@@ -50,7 +51,14 @@ def batch_positions(n_tokens: int, batch_size: int, seed: int, *, epoch: int = 0
                     pool_blocks: int = 128) -> Iterator[tuple[int, int, np.ndarray]]:
     """(epoch, batch number, token ids) of every batch from (epoch, skip) on, until
     ``epochs`` (None: forever). Shuffled batches come from :func:`epoch_batches`; ordered
-    ones are consecutive ids. Resuming replays this arithmetic; no data is read."""
+    ones are consecutive ids. Resuming replays this arithmetic; no data is read.
+
+    Raises ConfigError when an epoch holds no batch (it would loop forever yielding nothing)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if n_tokens < 1 or (drop_last and n_tokens < batch_size):
+        raise ConfigError(f"batch_size={batch_size} is larger than the data's {n_tokens} tokens, so an epoch holds "
+                          f"no full batch; use batch_size <= {max(n_tokens, 1)}, or record more tokens")
     while epochs is None or epoch < epochs:
         if shuffle:
             rows = epoch_batches(n_tokens, batch_size, seed, epoch, block_rows=block_rows, pool_blocks=pool_blocks,
@@ -81,16 +89,24 @@ class ActivationLoader:
 
     ``state_dict()`` / ``load_state_dict()`` record the position (epoch, batch) so that a
     resumed run sees exactly the batches an uninterrupted run would have seen.
+
+    The store checks each shard's checksum on its first read (``verify="once"``, in the
+    loader's thread, several shards in parallel): the first batch of a shuffled epoch pays
+    for hashing the store once per process, later batches nothing.
     """
 
     def __init__(self, store: ActivationStore | str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None, drop_last: bool = True,
                  prefetch: int = 4, epochs: int | None = 1, block_rows: int = 256, pool_blocks: int = 128):
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if self.store.n_tokens == 0:
-            raise ValueError(f"{self.store.directory} holds no tokens")
+            raise StoreError(f"{self.store.directory} holds no tokens; record some activations into it first")
+        if drop_last and self.store.n_tokens < batch_size:
+            raise ConfigError(f"batch_size={batch_size} is larger than the {self.store.n_tokens} tokens of "
+                              f"{self.store.directory}, so no full batch exists; use batch_size <= "
+                              f"{self.store.n_tokens}, drop_last=False, or record more tokens")
         self.batch_size = int(batch_size)
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self.device = torch.device(device)
@@ -109,11 +125,12 @@ class ActivationLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("content_hash") != self.store.content_hash:
-            raise ValueError("the loader state belongs to another store (content hash differs); "
-                             "resume with the store the run was started on")
+            raise DataMismatchError(f"the loader state belongs to another store (content hash "
+                                    f"{state.get('content_hash')}, this store's is {self.store.content_hash}); "
+                                    "resume with the store the run was started on")
         if state["batch_size"] != self.batch_size:
-            raise ValueError(f"the loader state was saved with batch_size={state['batch_size']}, "
-                             f"this loader has {self.batch_size}")
+            raise ConfigError(f"the loader state was saved with batch_size={state['batch_size']}, "
+                              f"this loader has {self.batch_size}; use the saved batch size")
         self.seed, self.epoch, self.batch_in_epoch = state["seed"], state["epoch"], state["batch_in_epoch"]
 
     def _positions(self) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -1,138 +1,410 @@
-"""ActivationWriter: append recorded activations to a store, one crash-safe shard at a time."""
+"""ActivationWriter: append recorded activations to a store, one crash-safe commit at a time.
+
+Write-time policy (nothing bad reaches the disk):
+- activations must be finite: NaN/inf rows raise NonFiniteError, and so do values that the
+  storage dtype cannot hold (above 65504 for float16: they would become inf);
+- image indices and positions must be integers (a float is refused, not truncated),
+  non-negative and within the source columns (int64; no wrap);
+- once image paths are recorded, every token's image index must have a path.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from .._atomic import fsync_directory
-from .metadata import DTYPES, SOURCE_COLUMNS, ShardInfo, StoreError, StoreMetadata, file_digest, shard_paths
+from .._atomic import fsync_directory, raise_if_disk_full
+from .._lock import LOCK_FILE, exclusive_lock
+from ..errors import ConfigError, InputError, NonFiniteError
+from .images import ImagePathLog, encode_paths
+from .metadata import (DTYPES, META_FILE, SOURCE_COLUMNS, VERSION, ShardInfo, StoreError, StoreMetadata, digest,
+                       shard_paths)
+from .reader import check_shard_files
 
 log = logging.getLogger("saeengine")
 
 
-def _as_storage_array(acts, dtype: str, d_in: int) -> np.ndarray:
-    """[n, d_in] tensor or array -> numpy array in the store's raw dtype."""
-    np_dtype, torch_dtype = DTYPES[dtype]
+def _json_object(name: str, value) -> dict:
+    """A JSON-able dict, deep-copied through JSON (what reading it back will give)."""
+    if not isinstance(value, dict):
+        raise InputError(f"{name} must be a dict of JSON values, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must hold only JSON values (str, int, float, bool, None, lists, dicts with "
+                         f"string keys; no NaN): {exc}") from exc
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _activation_rows(acts, d_in: int) -> torch.Tensor:
+    """[n, d_in] floating tensor (any device) or array -> a detached tensor. Raises InputError."""
     if isinstance(acts, np.ndarray):
+        if acts.dtype.kind != "f":
+            raise InputError(f"activations must be floating point, got a numpy {acts.dtype} array; "
+                             "convert them with .astype(np.float32)")
         acts = torch.from_numpy(acts)
-    if not isinstance(acts, torch.Tensor) or acts.dim() != 2 or acts.shape[1] != d_in:
-        shape = tuple(acts.shape) if hasattr(acts, "shape") else type(acts).__name__
-        raise ValueError(f"activations must be [n, {d_in}] (the store's d_in), got {shape}")
-    t = acts.detach().to("cpu", torch_dtype).contiguous()
+    if not isinstance(acts, torch.Tensor):
+        raise InputError(f"activations must be a torch.Tensor or numpy array [n, {d_in}], got {type(acts).__name__}")
+    if acts.dim() != 2 or acts.shape[1] != d_in:
+        raise InputError(f"activations must be [n, {d_in}] (the store's d_in), got {tuple(acts.shape)}")
+    if not acts.is_floating_point():
+        raise InputError(f"activations must be floating point, got {acts.dtype}; convert them with .float()")
+    return acts.detach()
+
+
+def _source_column(name: str, values, n: int, limit: int) -> np.ndarray:
+    """image_index or position: [n] integers in [0, limit]. Raises InputError."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values).reshape(-1)
+    if array.shape[0] != n:
+        raise InputError(f"{name} has {array.shape[0]} entries for {n} activation rows; give one {name} per row")
+    if n == 0:
+        return array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        what = ("too large for int64, or not numbers" if array.dtype.kind == "O"
+                else f"e.g. {array[0]!r}; a float would be truncated")
+        raise InputError(f"{name} must be integers, got {array.dtype} ({what}); pass an integer array")
+    low, high = array.min(), array.max()
+    if low < 0:
+        first = int(np.argmax(array < 0))
+        raise InputError(f"{name} must be >= 0, got {low} ({int((array < 0).sum())} negative entries, first at row "
+                         f"{first})")
+    if high > limit:
+        raise InputError(f"{name} {high} is too large: the store's source columns hold at most {limit}")
+    return array.astype(np.int64)
+
+
+def _wider_dtypes(dtype: str) -> list[str]:
+    top = torch.finfo(DTYPES[dtype][1]).max
+    wider = [name for name, (_, t) in DTYPES.items() if torch.finfo(t).max > top]
+    return sorted(wider, key=lambda name: DTYPES[name][0].itemsize)  # the smallest that fits first
+
+
+def _storage_array(rows: torch.Tensor, dtype: str, sources: np.ndarray) -> np.ndarray:
+    """A tensor [n, d] (any device) -> a fresh CPU numpy array in the store's raw dtype;
+    refuses non-finite values and values the dtype would turn into inf (NonFiniteError)."""
+    np_dtype, torch_dtype = DTYPES[dtype]
+    stored = rows.to(torch_dtype)  # on the caller's device: a GPU casts fast and sends half the bytes
+    if rows.numel():
+        low, high = torch.aminmax(stored)  # one fast pass; NaN and inf propagate
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            _refuse_non_finite(rows.cpu(), stored.cpu(), dtype, sources)
+    stored = stored.to("cpu").contiguous()
+    if stored.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
+        stored = stored.clone()  # never buffer a view of the caller's memory: they may reuse it
     if dtype == "bfloat16":
-        t = t.view(torch.int16)
-    return t.numpy().view(np_dtype)
+        stored = stored.view(torch.int16)
+    return stored.numpy().view(np_dtype)
+
+
+def _refuse_non_finite(rows: torch.Tensor, stored: torch.Tensor, dtype: str, sources: np.ndarray) -> None:
+    """Raise NonFiniteError naming how many rows are bad, the first one's source, the fix."""
+    given_bad = ~torch.isfinite(rows).all(dim=1)
+    bad = given_bad if bool(given_bad.any()) else ~torch.isfinite(stored).all(dim=1)
+    first = int(bad.nonzero()[0, 0])
+    where = (f"{int(bad.sum())} of {rows.shape[0]} rows (first: row {first}, image {sources[first, 0]}, "
+             f"position {sources[first, 1]})")
+    if bool(given_bad.any()):
+        raise NonFiniteError(f"the activations hold NaN or inf in {where}; the store refuses non-finite values "
+                             "(they would poison training). Find what produced them (e.g. an fp16 overflow in "
+                             "the backbone: run it in float32) or drop those rows before add()")
+    peak = float(rows[bad].abs().max())
+    wider = _wider_dtypes(dtype)
+    fix = f"record with dtype={' or '.join(repr(w) for w in wider)}" if wider else "scale the activations down"
+    raise NonFiniteError(f"the activations overflow {dtype} in {where}: max |value| {peak:.6g} is above "
+                         f"{dtype}'s largest {torch.finfo(DTYPES[dtype][1]).max:.6g}, so they would be stored as "
+                         f"inf; {fix}")
+
+
+def _write_durably(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class ActivationWriter:
-    """Appends activations with their (image, position) sources to a store directory.
+    """Appends activations with their (image index, position) sources to a store directory.
 
-    Rows are buffered and written ``shard_tokens`` at a time. Use as a context manager:
-    leaving the block normally finishes the store (``complete``, content hash); an
-    exception leaves it resumable. ``resume=True`` reopens an unfinished store, drops any
-    shard that was being written when the writer died, and continues after the last
-    finished one (the caller re-adds the tokens from ``n_tokens`` on).
+    Args:
+        directory: the store's folder (created; must be empty unless ``resume``).
+        d_in: activation width; required for a new store. With ``resume=True`` it may be
+            None (the store's); if given, d_in and dtype must match the store's.
+        dtype: storage dtype, one of float32, float16, bfloat16.
+        backbone, layer, token_kind, extra: what was recorded (with resume: if given, they
+            must match the store's).
+        shard_tokens: rows per shard when ``auto_shard``.
+        resume: continue an unfinished store from its last commit.
+        auto_shard: ``add`` commits a shard whenever ``shard_tokens`` rows are buffered
+            (without a progress update: resume from :attr:`n_tokens`). False: ``add`` only
+            buffers, and each :meth:`flush` commits one shard with your progress.
+
+    The writer holds the store's lock (``.lock``, an OS file lock) from open to close: a
+    second writer fails at once with LockedError naming the holder, and readers refuse the
+    unfinished store while it is written. Every commit is atomic (meta.json is replaced
+    last), so a writer killed at any point leaves the store as of its last commit;
+    ``resume=True`` continues from there, with :attr:`progress` and :attr:`n_tokens` /
+    :attr:`n_images` saying where. A full disk raises DiskFullError and leaves the store
+    as of its last commit (free space, then :meth:`flush` again, or resume later).
+
+    Use as a context manager: leaving the block normally finishes the store
+    (``complete``, content hash); an exception releases the lock and leaves it resumable.
 
     Example::
 
         with ActivationWriter("acts/", d_in=768, dtype="float16", backbone="clip-b16",
-                              layer="blocks.8", token_kind="patch") as w:
+                              layer="blocks.8", token_kind="patch", auto_shard=False) as w:
+            w.add_image_paths(["cats/1.jpg", "cats/2.jpg"])
             w.add(acts, image_index, position)    # [n, 768], [n], [n]
+            w.flush({"images_done": 2})
     """
 
     def __init__(self, directory: str | Path, d_in: int | None = None, dtype: str = "float16", *,
                  backbone: str = "", layer: str = "", token_kind: str = "", extra: dict | None = None,
-                 shard_tokens: int = 1 << 18, resume: bool = False):
-        if shard_tokens < 1:
-            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+                 shard_tokens: int = 1 << 18, resume: bool = False, auto_shard: bool = True):
+        self.shard_tokens = _positive_int("shard_tokens", shard_tokens)
+        for name, flag in (("resume", resume), ("auto_shard", auto_shard)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
+        for name, text in (("backbone", backbone), ("layer", layer), ("token_kind", token_kind)):
+            if not isinstance(text, str):
+                raise ConfigError(f"{name} must be a string, got {text!r}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        d_in = None if d_in is None else _positive_int("d_in", d_in)
+        extra = None if extra is None else _json_object("extra", extra)
         self.directory = Path(directory)
-        self.shard_tokens = int(shard_tokens)
-        if resume and (self.directory / "meta.json").exists():
-            self.meta = StoreMetadata.read(self.directory)
-            if self.meta.complete:
-                raise StoreError(f"{self.directory} is already complete; open it with ActivationStore")
-            self._discard_unfinished()
-        else:
-            if d_in is None:
-                raise ValueError("d_in is required to create a store")
-            if self.directory.exists() and any(self.directory.iterdir()):
-                raise StoreError(f"{self.directory} exists and is not empty; choose a new directory, "
-                                 "or pass resume=True to continue an unfinished store")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.meta = StoreMetadata(d_in=int(d_in), dtype=dtype, backbone=backbone, layer=layer,
-                                      token_kind=token_kind, extra=dict(extra or {}))
-            self.meta.write(self.directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise StoreError(f"{self.directory} is a file, not a store directory; choose another path")
+        self.auto_shard = auto_shard
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(exclusive_lock(self.directory, "activation store"))
+        try:
+            described = {"backbone": backbone, "layer": layer, "token_kind": token_kind, "extra": extra}
+            if resume and (self.directory / META_FILE).exists():
+                self.meta = self._reopen(d_in, dtype, described)
+            else:
+                self.meta = self._create(d_in, dtype, described, resume)
+            self._images = ImagePathLog(self.directory, self.meta.images)
+        except BaseException:
+            self._lock.close()
+            raise
         self._acts: list[np.ndarray] = []
         self._sources: list[np.ndarray] = []
         self._buffered = 0
+        self._pending_paths: list[bytes] = []
+        self._n_pending_paths = 0
+        self._closed = False
+        self._broken = False
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens written to finished shards plus those buffered."""
-        return self.meta.n_tokens + self._buffered
+    # -- opening -------------------------------------------------------------------------
+    def _create(self, d_in, dtype, described, resume: bool) -> StoreMetadata:
+        if d_in is None:
+            raise ConfigError("d_in is required to create a store")
+        leftovers = [p for p in self.directory.iterdir() if p.name != LOCK_FILE]
+        if any(not p.name.startswith(f".{META_FILE}.tmp-") for p in leftovers):
+            if resume:
+                raise StoreError(f"cannot resume in {self.directory}: it holds files but no {META_FILE}, so it is "
+                                 "not an activation store; choose a new or empty directory")
+            raise StoreError(f"{self.directory} exists and is not empty; choose a new directory, "
+                             "or pass resume=True to continue an unfinished store")
+        for p in leftovers:  # a meta.json write killed before the store's first commit
+            p.unlink()
+        meta = StoreMetadata(d_in=d_in, dtype=dtype, backbone=described["backbone"], layer=described["layer"],
+                             token_kind=described["token_kind"], extra=described["extra"] or {})
+        meta.write(self.directory)
+        return meta
 
-    def _discard_unfinished(self) -> None:
-        listed = {s.name for s in self.meta.shards}
-        for path in sorted(self.directory.iterdir()):
-            stem = path.name.split(".")[0]
-            if stem.startswith("shard-") and stem not in listed:
+    def _reopen(self, d_in, dtype, described) -> StoreMetadata:
+        meta = StoreMetadata.read(self.directory)
+        if meta.complete:
+            raise StoreError(f"{self.directory} is already complete; open it with ActivationStore")
+        if meta.version != VERSION:
+            raise StoreError(f"{self.directory} was started by an older saeengine (store format version "
+                             f"{meta.version}) and cannot be continued by this one (version {VERSION}); re-record it "
+                             "into a new directory")
+        if d_in is not None and (d_in, dtype) != (meta.d_in, meta.dtype):
+            raise StoreError(f"resume=True was given d_in={d_in}, dtype={dtype!r}, but {self.directory} holds "
+                             f"d_in={meta.d_in}, dtype={meta.dtype!r}; pass the store's values (or d_in=None to "
+                             "take them from the store), or record into a new directory")
+        for field, given in described.items():
+            stored = getattr(meta, field)
+            if given not in (None, "") and given != stored:
+                raise StoreError(f"resume=True was given {field}={given!r}, but {self.directory} was recorded "
+                                 f"with {field}={stored!r}; pass the store's value, or record into a new directory")
+        check_shard_files(self.directory, meta)
+        listed = {p.name for s in meta.shards for p in shard_paths(self.directory, s.name)}
+        for path in sorted(self.directory.iterdir()):  # an unfinished commit's files
+            if (path.name.startswith("shard-") and path.name not in listed) or \
+                    path.name.startswith(f".{META_FILE}.tmp-"):
                 log.warning("saeengine: discarding %s, left unfinished by a writer that stopped", path.name)
                 path.unlink()
+        return meta
 
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        """Tokens committed plus those buffered."""
+        return self.meta.n_tokens + self._buffered
+
+    @property
+    def n_images(self) -> int:
+        """Image paths committed plus those pending (the next path gets this index)."""
+        return self.meta.images.count + self._n_pending_paths
+
+    @property
+    def progress(self) -> dict:
+        """The progress dict of the last commit ({} for a new store)."""
+        return copy.deepcopy(self.meta.progress)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the writer of {self.directory} is closed; open a new one with resume=True")
+        if self._broken:
+            raise StoreError(f"a commit to {self.directory} was interrupted; reopen it with "
+                             "ActivationWriter(..., resume=True) to continue from its last commit")
+
+    # -- adding ----------------------------------------------------------------------------
     def add(self, acts, image_index, position) -> None:
-        """acts [n, d_in]; image_index [n] and position [n] ints: where each token came from."""
-        rows = _as_storage_array(acts, self.meta.dtype, self.meta.d_in)
+        """Buffer tokens. acts [n, d_in] floating point (tensor or array, any device);
+        image_index [n] and position [n] non-negative integers: where each token came from.
+
+        Raises InputError for bad shapes or indices, NonFiniteError for NaN/inf or values
+        beyond the storage dtype; nothing is buffered then. With ``auto_shard``, a full disk
+        during the commit raises DiskFullError with the rows kept buffered (do not add them
+        again: free space and ``flush()``, or ``abort()`` and resume).
+        """
+        self._check_open()
+        rows = _activation_rows(acts, self.meta.d_in)
         n = rows.shape[0]
-        sources = np.empty((n, SOURCE_COLUMNS), dtype="<i4")
+        limit = int(np.iinfo(self.meta.source_dtype).max)
+        sources = np.empty((n, SOURCE_COLUMNS), dtype=self.meta.source_dtype)
         for col, (name, values) in enumerate((("image_index", image_index), ("position", position))):
-            values = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(-1)
-            if values.shape[0] != n:
-                raise ValueError(f"{name} has {values.shape[0]} entries for {n} activation rows")
-            sources[:, col] = values
-        self._acts.append(rows)
+            sources[:, col] = _source_column(name, values, n, limit)
+        if n and self.n_images and int(sources[:, 0].max()) >= self.n_images:
+            raise InputError(f"image_index {int(sources[:, 0].max())} has no image path: {self.n_images} paths were "
+                             "added; call add_image_paths() for an image before adding its tokens")
+        stored = _storage_array(rows, self.meta.dtype, sources)
+        self._acts.append(stored)
         self._sources.append(sources)
         self._buffered += n
-        while self._buffered >= self.shard_tokens:
-            self._write_shard(self.shard_tokens)
+        while self.auto_shard and self._buffered >= self.shard_tokens:
+            self._commit(self.shard_tokens, None)
 
-    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        acts, sources = np.concatenate(self._acts), np.concatenate(self._sources)
-        self._acts, self._sources = [acts[n:]], [sources[n:]]
-        self._buffered -= n
-        return acts[:n], sources[:n]
+    def add_image_paths(self, paths: Sequence[str]) -> None:
+        """Name the next images, in order: the i-th path added overall is image index i.
+        Paths (strings, relative to the image root) are persisted at the next commit."""
+        self._check_open()
+        lines = encode_paths(paths)
+        if lines:
+            self._pending_paths.append(lines)
+            self._n_pending_paths += len(paths)
 
-    def _write_shard(self, n: int) -> None:
-        acts, sources = self._take(n)
-        name = f"shard-{len(self.meta.shards):05d}"
-        final = shard_paths(self.directory, name)
-        for path, array in zip(final, (acts, sources)):
-            partial = path.with_name(path.name + ".partial")
-            with open(partial, "wb") as f:
-                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        fsync_directory(self.directory)
-        self.meta.shards.append(ShardInfo(name=name, tokens=n, blake2b=file_digest(*final)))
-        self.meta.write(self.directory)  # the shard exists for readers only from here on
+    # -- committing ------------------------------------------------------------------------
+    def _buffered_rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._acts) > 1:
+            self._acts, self._sources = [np.concatenate(self._acts)], [np.concatenate(self._sources)]
+        return self._acts[0][:n], self._sources[0][:n]
+
+    def _commit(self, n_rows: int, progress: dict | None) -> None:
+        """One atomic commit: ``n_rows`` buffered rows as a shard (if any), the pending image
+        paths, ``progress`` (None: unchanged). On failure the store and this writer stay as
+        of the last commit."""
+        written: list[Path] = []
+        target = self.directory / META_FILE
+        try:
+            shards = list(self.meta.shards)
+            if n_rows:
+                acts, sources = self._buffered_rows(n_rows)
+                name = f"shard-{len(shards):05d}"
+                h = digest()
+                for path, array in zip(shard_paths(self.directory, name), (acts, sources)):
+                    target = partial = path.with_name(path.name + ".partial")
+                    written.append(partial)
+                    _write_durably(partial, array)
+                    h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+                    os.replace(partial, path)
+                    written.append(path)
+                fsync_directory(self.directory)
+                shards.append(ShardInfo(name=name, tokens=n_rows, blake2b=h.hexdigest()))
+            images = self.meta.images
+            if self._pending_paths:
+                target = self._images.path
+                images = self._images.append(b"".join(self._pending_paths), self._n_pending_paths)
+            meta = dataclasses.replace(self.meta, shards=shards, images=images,
+                                       progress=self.meta.progress if progress is None else progress)
+            target = self.directory / META_FILE
+            meta.write(self.directory)  # the commit point: readers and resumes see it from here on
+        except Exception as exc:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            with contextlib.suppress(OSError):
+                self._images.rollback()
+            if isinstance(exc, OSError):
+                raise_if_disk_full(target, exc)
+            raise
+        except BaseException:  # interrupted mid-commit: the disk may hold either state
+            self._broken = True
+            raise
+        self.meta = meta
+        self._images.accept(images)
+        self._pending_paths, self._n_pending_paths = [], 0
+        if n_rows:
+            self._acts, self._sources = [self._acts[0][n_rows:]], [self._sources[0][n_rows:]]
+            self._buffered -= n_rows
+
+    def flush(self, progress: dict | None = None) -> None:
+        """Commit the buffered rows as one shard (if any), the pending image paths and
+        ``progress`` (a JSON-able dict; None keeps the last one), atomically."""
+        self._check_open()
+        if progress is not None:
+            progress = _json_object("progress", progress)
+        if self._buffered or self._pending_paths or progress is not None:
+            self._commit(self._buffered, progress)
 
     def close(self) -> StoreMetadata:
-        """Write the buffered rows as the last shard and mark the store complete."""
-        if self._buffered:
-            self._write_shard(self._buffered)
-        self.meta.complete = True
-        self.meta.content_hash = self.meta.compute_content_hash()
-        self.meta.write(self.directory)
+        """Commit what is buffered, mark the store complete (content hash) and release the lock."""
+        if self._closed:
+            return self.meta
+        self._check_open()
+        self.flush()
+        meta = dataclasses.replace(self.meta, complete=True)
+        meta.content_hash = meta.compute_content_hash()
+        meta.write(self.directory)
+        self.meta = meta
+        self.abort()
         return self.meta
+
+    def abort(self) -> None:
+        """Release the lock without finishing: rows buffered since the last commit are
+        dropped; the store stays resumable from its last commit."""
+        self._closed = True
+        self._acts, self._sources, self._buffered = [], [], 0
+        self._pending_paths, self._n_pending_paths = [], 0
+        self._lock.close()
 
     def __enter__(self) -> "ActivationWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            self.abort()

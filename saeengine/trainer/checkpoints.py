@@ -5,8 +5,11 @@ data position, the RNG states, in one directory.
 out_dir/checkpoints/step-000001200/ holds <sae name>/ (sae.safetensors, config.json) and
 state.pt. It is written as a hidden temporary directory and renamed into place, and then
 out_dir/checkpoints/LATEST is replaced atomically to name it. A run killed at any moment
-therefore leaves LATEST naming a whole checkpoint. Older checkpoints are removed only
-after the new one is in place.
+therefore leaves LATEST naming a whole checkpoint; only what LATEST names is ever read.
+Older checkpoints are removed only after the new one is in place. A write that fails (a
+full disk raises DiskFullError) removes what it had written, so the checkpoint before it
+stays the latest; a run killed mid-write leaves a hidden temporary folder, removed when
+the next run starts (:func:`remove_incomplete`).
 
 Resuming compares only what changes the math (saeengine.trainer.config):
 - the fields of ``RESUME_FREE_FIELDS`` (logging, progress, checkpoint cadence, device,
@@ -14,8 +17,8 @@ Resuming compares only what changes the math (saeengine.trainer.config):
 - ``total_tokens`` may change down to the tokens already trained (the schedules follow
   the new total: ``TrainConfig.lr_factor``);
 - a change of any other field (lr, k, d_sae, architecture, batch_size, seed, optimizer,
-  ...) or of the data (a store's content hash, a tensor's SHA-256) raises CheckpointError
-  naming the field and both values.
+  ...) raises CheckpointError naming the field and both values, and other data (a store's
+  content hash, a tensor's SHA-256) raises DataMismatchError naming both.
 A checkpoint of an earlier version (no settings in state.pt) is compared against the
 TrainConfig saved beside its SAEs; fields since removed are ignored, with a note.
 """
@@ -31,11 +34,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CONFIG_FILE, CheckpointError
+from ..errors import DataMismatchError
 from ..sae import SAE
-from .._atomic import atomic_write_bytes, fsync_directory
-from .config import RESUME_FREE_FIELDS, SCHEDULE_FIELD, START_ONLY_FIELDS, TrainConfig
+from .._atomic import atomic_write_bytes, fsync_directory, raise_if_disk_full
+from .config import CHECKPOINTS_DIR, RESUME_FREE_FIELDS, SCHEDULE_FIELD, START_ONLY_FIELDS, TrainConfig
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = CHECKPOINTS_DIR
 LATEST = "LATEST"
 STATE = "state.pt"
 STATE_VERSION = 2  # 2: per-run train_config, tokens_seen and step; the data identity
@@ -43,16 +47,10 @@ STATE_VERSION = 2  # 2: per-run train_config, tokens_seen and step; the data ide
 log = logging.getLogger("saeengine")
 
 
-def save_checkpoint(out_dir: Path, step: int, runs, source) -> Path:
-    root = Path(out_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:09d}"
-    tmp = root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def _write_checkpoint(directory: Path, step: int, runs, source) -> None:
+    directory.mkdir()
     for run in runs:
-        run.sae.save(tmp / run.cfg.run_name, provenance={"train_config": run.cfg.to_dict(), "step": step})
+        run.sae.save(directory / run.cfg.run_name, provenance={"train_config": run.cfg.to_dict(), "step": step})
     state = {
         "version": STATE_VERSION,
         "step": step,
@@ -62,20 +60,65 @@ def save_checkpoint(out_dir: Path, step: int, runs, source) -> Path:
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    with open(tmp / STATE, "wb") as f:
+    with open(directory / STATE, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _discarding(path: Path | None, exc: BaseException, target: Path) -> None:
+    """Remove the half-written ``path`` (if any) and re-raise ``exc``, as DiskFullError
+    naming ``target`` when the disk is full (judged before the removal frees space)."""
+    try:
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise_if_disk_full(target, exc)
+        raise exc
+    finally:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: Path, step: int, runs, source) -> Path:
+    """Write the checkpoint of ``step``; on failure (DiskFullError for a full disk) nothing
+    of it remains and LATEST still names the checkpoint before."""
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:09d}"
+    tmp = root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        _write_checkpoint(tmp, step, runs, source)
+    except BaseException as exc:
+        _discarding(tmp, exc, root / name)
     final = root / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_directory(root)
-    atomic_write_bytes(root / LATEST, name.encode())
+    try:
+        atomic_write_bytes(root / LATEST, name.encode())
+    except BaseException as exc:  # LATEST still names the one before: drop this one, unless LATEST named it already
+        kept = (root / LATEST).is_file() and (root / LATEST).read_text().strip() == name
+        _discarding(None if kept else final, exc, root / LATEST)
     for old in root.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_incomplete(out_dir: Path) -> list[Path]:
+    """Remove what a killed checkpoint write left in out_dir/checkpoints (hidden
+    temporary folders and files, never read); returns what was removed. Call with the
+    run folder locked."""
+    root = Path(out_dir) / CHECKPOINTS
+    removed = sorted(root.glob(".*.tmp*")) if root.is_dir() else []
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -145,14 +188,20 @@ def _describe(identity: dict) -> str:
     return f"a {identity.get('dtype')} tensor of shape {identity.get('shape')} with SHA-256 {identity.get('sha256')}"
 
 
+def data_mismatch(path: Path, saved: dict, mine: dict, what: str = "the checkpoint") -> DataMismatchError:
+    """The error for a run folder item at ``path`` (``what``) trained on ``saved`` data
+    when this run reads ``mine`` (data identities)."""
+    return DataMismatchError(f"cannot resume from {path}: the data differs: this run reads {_describe(mine)} but "
+                             f"{what} was trained on {_describe(saved)}; train on that data to continue that run, "
+                             "or use another out_dir for this data (or resume=False to start over, replacing it)")
+
+
 def _check_data(path: Path, saved: dict | None, source) -> None:
     if saved is None:  # an earlier version: the store loader still checks its content hash
         return
     mine = source.identity()
     if mine != saved:
-        raise CheckpointError(f"cannot resume from {path}: the data differs: this run reads {_describe(mine)} but "
-                              f"the checkpoint was trained on {_describe(saved)}; train on that data to continue, "
-                              "or resume=False (or another out_dir) to start over")
+        raise data_mismatch(path, saved, mine)
 
 
 def _check_sae_config(path: Path, saved: SAE, sae: SAE) -> None:

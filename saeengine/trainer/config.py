@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
+from .. import backends
 from ..architectures import get_architecture
+from ..architectures.matryoshka import INNER as MATRYOSHKA_INNER
 from ..config import ARCHITECTURES, NORMALIZATIONS, SAEConfig
+from ..errors import ConfigError
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 OPTIMIZERS = ("adam", "row_sparse_adam")
 MOMENT_DTYPES = ("float32", "bfloat16")
 AUTOCAST = ("none", "bfloat16", "float16")
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+# out_dir/<CHECKPOINTS_DIR>/ holds the resumable checkpoints, so no SAE may take that name.
+CHECKPOINTS_DIR = "checkpoints"
+MAX_NAME_BYTES = 255  # a folder name on common filesystems
 # Fields that every config of a sweep must share: the SAEs read the same batches.
 SHARED_FIELDS = ("total_tokens", "batch_size", "seed", "device", "out_dir", "checkpoint_every_tokens", "resume")
 
@@ -117,19 +127,23 @@ class TrainConfig:
     seed: int = 0
     """Seed of the initialization and of the data order."""
     device: str = "auto"
-    """auto (cuda when present), cpu or cuda."""
+    """auto (cuda when present), cpu, cuda or cuda:N."""
     backend: str = "auto"
     """Op backend: auto, torch, triton or cuda."""
     out_dir: str = "runs/sae"
     """Run directory: checkpoints/, and one folder per SAE with the trained SAE and metrics.jsonl."""
     name: str = ""
-    """This SAE's folder under out_dir; empty means a name built from the settings."""
+    """This SAE's folder under out_dir: one folder name (no '/', not starting with '.', not
+    'checkpoints'); empty means a name built from the settings."""
     checkpoint_every_tokens: int = 0
     """Write a resumable checkpoint every this many tokens (0: only at the end)."""
     resume: bool = True
-    """Continue from out_dir's latest checkpoint when there is one."""
+    """Continue from out_dir's latest checkpoint when there is one (on the same data and
+    settings, else an error says what differs). False starts over: an earlier run in
+    out_dir is replaced, with a warning."""
     log_every: int = 50
-    """Steps between metric lines in metrics.jsonl (and TensorBoard or W&B)."""
+    """Steps between metric lines in metrics.jsonl (and TensorBoard or W&B); the last step
+    is always logged."""
     tensorboard: bool = False
     """Also write the metrics as TensorBoard events into the SAE's folder (needs tensorboard)."""
     wandb_project: str = ""
@@ -139,38 +153,31 @@ class TrainConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        # Each field's type and range first (values come back normalized: numpy ints ->
+        # int, ints given for floats -> float), then the rules that tie fields together.
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(name, getattr(self, name)))
         checks = [
-            (self.architecture in ARCHITECTURES, f"architecture={self.architecture!r}; choose one of {ARCHITECTURES}"),
-            (self.normalization in NORMALIZATIONS, f"normalization={self.normalization!r}; choose one of {NORMALIZATIONS}"),
-            (self.b_dec_init in B_DEC_INITS, f"b_dec_init={self.b_dec_init!r}; choose one of {B_DEC_INITS}"),
-            (self.autocast in AUTOCAST, f"autocast={self.autocast!r}; choose one of {AUTOCAST}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}"),
-            (self.moment_dtype in MOMENT_DTYPES, f"moment_dtype={self.moment_dtype!r}; choose one of {MOMENT_DTYPES}"),
             (self.moment_dtype == "float32" or self.optimizer == "row_sparse_adam",
              "moment_dtype='bfloat16' needs optimizer='row_sparse_adam' (torch's Adam keeps moments in the "
              "parameters' dtype)"),
-            (self.batch_size >= 2, f"batch_size={self.batch_size}; it must be >= 2 (FVU needs two rows)"),
             (self.total_tokens >= self.batch_size,
-             f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"),
-            (0.0 <= self.decay_start <= 1.0, f"decay_start={self.decay_start}; it must lie in [0, 1]"),
-            (self.lr >= 0 and self.clip_grad_norm >= 0, "lr and clip_grad_norm must be >= 0"),
-            (self.d_sae >= 1 and self.k >= 1, f"d_sae={self.d_sae} and k={self.k} must be >= 1"),
+             f"total_tokens={self.total_tokens} is less than one batch (batch_size={self.batch_size}): the run would "
+             f"take no step; raise total_tokens to at least {self.batch_size}, or lower batch_size"),
             (self.k_anneal_from == 0 or self.k < self.k_anneal_from <= self.d_sae,
              f"k_anneal_from={self.k_anneal_from}; it must be 0 (off) or lie in (k={self.k}, d_sae={self.d_sae}]"),
-            (self.k_anneal_from == 0 or self.architecture not in ARCHITECTURES
-             or get_architecture(self.architecture).selects_k,
+            (self.k_anneal_from == 0 or get_architecture(self.architecture).selects_k,
              f"k_anneal_from applies to {', '.join(a for a in ARCHITECTURES if get_architecture(a).selects_k)}, "
              f"not {self.architecture!r}"),
-            (0.0 < self.k_anneal_fraction <= 1.0, f"k_anneal_fraction={self.k_anneal_fraction}; it must lie in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"TrainConfig.{message}")
+                raise ConfigError(f"TrainConfig.{message}")
         self._matryoshka_prefixes()  # its own error, naming the string
         try:  # the architecture's own fields (they do not depend on d_in)
             self.sae_config(d_in=1)
         except ValueError as err:
-            raise ValueError(f"TrainConfig: {err} (the TrainConfig field of the same name sets it)") from err
+            raise ConfigError(f"TrainConfig: {err} (the TrainConfig field of the same name sets it)") from err
 
     @property
     def steps(self) -> int:
@@ -244,20 +251,174 @@ class TrainConfig:
         try:
             return tuple(int(m) for m in self.matryoshka_prefixes.split(","))
         except ValueError:
-            raise ValueError(f"TrainConfig.matryoshka_prefixes={self.matryoshka_prefixes!r} is invalid: give "
-                             f"comma-separated ints ending at d_sae, e.g. '{max(1, self.d_sae // 8)},{self.d_sae}'"
-                             ) from None
+            raise ConfigError(f"TrainConfig.matryoshka_prefixes={self.matryoshka_prefixes!r} is invalid: give "
+                              f"comma-separated ints ending at d_sae, e.g. '{max(1, self.d_sae // 8)},{self.d_sae}'"
+                              ) from None
+
+
+# ----- field checks ---------------------------------------------------------------------
+def _invalid(name: str, value: Any, rule: str) -> ConfigError:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return ConfigError(f"TrainConfig.{name}={shown} is invalid: it must be {rule}")
+
+
+def _int(low: int, rule: str = "", high: int | None = None):
+    """An int >= low (and < high when given; a bool is refused: True would pass as 1)."""
+    rule = rule or f"an int >= {low}"
+
+    def check(name, value):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise _invalid(name, value, f"{rule}, not a {type(value).__name__}")
+        if value < low or (high is not None and value >= high):
+            raise _invalid(name, value, rule)
+        return int(value)
+    return check
+
+
+def _real(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, rule: str = ""):
+    """A finite real number in the interval (low, high) with the given ends."""
+    rule = rule or (f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                    if math.isfinite(high) else f"a finite number {'>' if low_open else '>='} {low:g}")
+
+    def check(name, value):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise _invalid(name, value, f"{rule}, not a {type(value).__name__}")
+        value = float(value)
+        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+                  and (value < high if high_open else value <= high))
+        if not inside:
+            raise _invalid(name, value, rule)
+        return value
+    return check
+
+
+def _choice(choices: tuple[str, ...]):
+    def check(name, value):
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"TrainConfig.{name}={value!r} is invalid: choose one of {tuple(choices)}")
+        return value
+    return check
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise _invalid(name, value, f"True or False, not a {type(value).__name__}")
+    return value
+
+
+def _text(name, value):
+    if not isinstance(value, str):
+        raise _invalid(name, value, f"a string, not a {type(value).__name__}")
+    return value
+
+
+def _device(name, value):
+    if not isinstance(value, str) or not re.fullmatch(DEVICE_PATTERN, value):
+        raise _invalid(name, value, "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
+    return value
+
+
+def _backend(name, value):
+    known = ("auto", *backends.FAMILIES, *[n for n in backends._all_names() if n not in backends.FAMILIES])
+    if not isinstance(value, str) or value not in known:
+        raise ConfigError(f"TrainConfig.{name}={value!r} is invalid: choose one of {known}")
+    return value
+
+
+def _out_dir(name, value):
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _invalid(name, value, "a non-empty folder path")
+    return value
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be the folder of an SAE under out_dir, or None if it can."""
+    if value != value.strip():
+        return "a name without leading or trailing spaces"
+    if "/" in value or "\\" in value or value in (".", ".."):
+        return "one folder name inside out_dir (no '/', '\\', '.' or '..': it must not leave out_dir)"
+    if value.startswith("."):
+        return "a name that does not start with '.' (hidden names are the trainer's temporary files)"
+    if value == CHECKPOINTS_DIR:
+        return f"another name than {CHECKPOINTS_DIR!r} (out_dir/{CHECKPOINTS_DIR} holds the checkpoints)"
+    if any(ord(c) < 32 for c in value):
+        return "a name without control characters"
+    if len(value.encode()) > MAX_NAME_BYTES:
+        return f"at most {MAX_NAME_BYTES} bytes long (a folder name)"
+    return None
+
+
+def _name(name, value):
+    _text(name, value)
+    problem = name_problem(value) if value else None
+    if problem:
+        raise _invalid(name, value, f"empty (a name built from the settings) or {problem}")
+    return value
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "d_sae": _int(1),
+    "architecture": _choice(ARCHITECTURES),
+    "k": _int(1),
+    "k_anneal_from": _int(0, "0 (off) or an int in (k, d_sae]"),
+    "k_anneal_fraction": _real(0.0, 1.0, low_open=True),
+    "total_tokens": _int(1, "an int >= batch_size (the run takes total_tokens // batch_size steps)"),
+    "batch_size": _int(2, "an int >= 2 (FVU needs two rows)"),
+    "lr": _real(0.0, rule="a finite number > 0, or 0 for the default 2e-4 / sqrt(d_sae / 2^14)"),
+    "warmup_steps": _int(0, "an int >= 0 (0: no warm-up)"),
+    "decay_start": _real(0.0, 1.0, rule="a number in [0, 1] (a fraction of the run; 1: no decay)"),
+    "adam_beta1": _real(0.0, 1.0, high_open=True),
+    "adam_beta2": _real(0.0, 1.0, high_open=True),
+    "clip_grad_norm": _real(0.0, rule="a finite number >= 0 (0: no clipping)"),
+    "optimizer": _choice(OPTIMIZERS),
+    "moment_dtype": _choice(MOMENT_DTYPES),
+    "resample_every_tokens": _int(0, "an int >= 0 (0: never resample)"),
+    "auxk": _bool,
+    "k_aux": _int(0, "an int >= 0 (0: d_in // 2)"),
+    "aux_alpha": _real(0.0),
+    "dead_after_tokens": _int(1, "an int >= 1 (tokens without firing before a latent counts as dead)"),
+    "sparsity_coefficient": _real(0.0),
+    "sparsity_warmup_steps": _int(0, "an int >= 0 (0: no warm-up)"),
+    "jumprelu_threshold": _real(0.0, low_open=True),
+    "matryoshka_inner": _choice(MATRYOSHKA_INNER),
+    "matryoshka_prefixes": _text,
+    "matryoshka_random_prefixes": _int(1),
+    "b_dec_init": _choice(B_DEC_INITS),
+    "init_from": _text,
+    "normalization": _choice(NORMALIZATIONS),
+    "autocast": _choice(AUTOCAST),
+    "seed": _int(0, "an int in [0, 2^32)", high=2**32),
+    "device": _device,
+    "backend": _backend,
+    "out_dir": _out_dir,
+    "name": _name,
+    "checkpoint_every_tokens": _int(0, "an int >= 0 (0: only at the end)"),
+    "resume": _bool,
+    "log_every": _int(1, "an int >= 1 (steps between metric lines)"),
+    "tensorboard": _bool,
+    "wandb_project": _text,
+    "progress": _bool,
+}
+# A field added without a check would be accepted unchecked: fail at import instead.
+if list(_CHECKS) != [f.name for f in dataclasses.fields(TrainConfig)]:
+    raise RuntimeError("every TrainConfig field needs an entry in saeengine.trainer.config._CHECKS, in field order")
 
 
 def check_sweep(configs: list[TrainConfig]) -> None:
-    """The configs of one sweep share their data settings, and have distinct names."""
+    """The configs of one sweep are TrainConfigs that share their data settings and have
+    distinct names; raises ConfigError (TypeError for something else than a TrainConfig)."""
     if not configs:
-        raise ValueError("train() needs at least one TrainConfig")
+        raise ConfigError("train() needs at least one TrainConfig (got an empty sweep)")
+    wrong = [type(c).__name__ for c in configs if not isinstance(c, TrainConfig)]
+    if wrong:
+        raise TypeError(f"train() takes a TrainConfig or a list of them; the sweep holds {wrong}")
     for field in SHARED_FIELDS:
         values = {getattr(c, field) for c in configs}
         if len(values) > 1:
-            raise ValueError(f"the SAEs of one sweep read the same batches, so TrainConfig.{field} must be "
-                             f"equal across the sweep; got {sorted(map(str, values))}")
+            raise ConfigError(f"the SAEs of one sweep read the same batches, so TrainConfig.{field} must be "
+                              f"equal across the sweep; got {sorted(map(str, values))}")
     names = [c.run_name for c in configs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two SAEs of the sweep have the same name ({names}); set TrainConfig.name")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"two SAEs of the sweep have the same name {repeated} (of {names}): they would write the "
+                          "same folder; set TrainConfig.name to tell them apart")

@@ -1,5 +1,9 @@
 """Where one SAE's metric lines go: metrics.jsonl always; TensorBoard and W&B when asked.
 
+metrics.jsonl holds one JSON object per log line (saeengine.train's docstring lists the
+keys); the last step of a run is always logged, so a finished run's last line is its final
+step.
+
 A resumed run first drops what the killed run logged after its checkpoint (the JSONL lines,
 and TensorBoard's events through ``purge_step``), so every sink holds each step once.
 """
@@ -8,19 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
+from .._atomic import atomic_write_bytes, raise_if_disk_full
 from .config import TrainConfig
 
 METRICS = "metrics.jsonl"
 
+log = logging.getLogger("saeengine")
+
 
 def _truncate_jsonl(path: Path, before_step: int) -> None:
-    """Keep the lines of steps before ``before_step``."""
+    """Keep the lines of steps before ``before_step`` (replacing the file atomically). A
+    line that is not JSON, the tail of a write that a kill cut short, is dropped with a note."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept, broken = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"] if line else None
+        except (ValueError, KeyError, TypeError):
+            broken += 1
+            continue
+        if step is not None and step < before_step:
+            kept.append(line)
+    if broken:
+        log.warning("saeengine: %s: dropped %d damaged line(s) (a killed run's last write)", path, broken)
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _missing(package: str, field: str) -> ImportError:
@@ -54,8 +73,12 @@ class MetricsLog:
 
     def write(self, line: dict) -> None:
         """``line``: {"step": int, metric name: float, ...}."""
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            raise_if_disk_full(self.jsonl, exc)
+            raise
         step = line["step"]
         scalars = {key: value for key, value in line.items() if key != "step"}
         if self.tensorboard is not None:
