@@ -209,7 +209,7 @@ def _requested(requested: str, op: str) -> str:
             return "auto"
         if not _known_anywhere(override):
             raise ValueError(f"SAEENGINE_BACKEND={override!r} names no implementation; use 'auto', a family "
-                             f"({', '.join(FAMILIES)}) or an implementation name ({', '.join(_all_names())})")
+                             f"({', '.join(FAMILIES)}) or an implementation name ({', '.join(implementation_names())})")
         # An override applies to the ops that have that name; the others choose automatically.
         return _name_for(override, op) or "auto"
     name = _name_for(requested, op)
@@ -232,12 +232,13 @@ def _name_for(requested: str, op: str) -> str | None:
     return None
 
 
-def _all_names() -> list[str]:
+def implementation_names() -> list[str]:
+    """Every implementation name of every op, sorted (the names a backend= may give)."""
     return sorted({impl.name for impls in IMPLEMENTATIONS.values() for impl in impls})
 
 
 def _known_anywhere(name: str) -> bool:
-    return name in FAMILIES or name in _all_names()
+    return name in FAMILIES or name in implementation_names()
 
 
 def choose(requested: str, op: str, device: torch.device | str, *, k: int | None = None,

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .architectures import architecture_names, get_architecture
 from .architectures.matryoshka import INNER as MATRYOSHKA_INNER
+from . import field_checks as checks
 from .errors import ConfigError
 
 ARCHITECTURES = architecture_names()  # "topk", "batchtopk", "relu", "jumprelu", "matryoshka"
@@ -72,11 +72,9 @@ class SAEConfig:
     dict with str keys; it is written to config.json)."""
 
     def __post_init__(self) -> None:
-        # Each check may read fields checked before it (k's range reads d_sae), so the
-        # table follows the field order; values come back normalized (numpy ints -> int,
-        # JSON lists -> tuples) so configs compare equal and serialize.
-        for name, check in _CHECKS.items():
-            object.__setattr__(self, name, check(self, name, getattr(self, name)))
+        # Values come back normalized (numpy ints -> int, JSON lists -> tuples) so that
+        # configs compare equal and serialize.
+        checks.check_fields(self, _CHECKS, _RULES)
         try:
             get_architecture(self.architecture).check_config(self)
         except ConfigError:
@@ -113,79 +111,24 @@ class SAEConfig:
         return cls(**data)
 
 
-# ----- field checks ---------------------------------------------------------------------
-def _invalid(name: str, value: Any, rule: str) -> ConfigError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return ConfigError(f"SAEConfig.{name}={shown} is invalid: it must be {rule}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _int(low: int, high: Callable[[SAEConfig], tuple[int, str] | None] = lambda cfg: None):
-    """A check for an int in [low, high(cfg)]; high gives (bound, its name) or None."""
-    def check(cfg, name, value):
-        bound = high(cfg)
-        rule = f"an int in [{low}, {bound[1]}={bound[0]}]" if bound else f"an int >= {low}"
-        if not _is_int(value):
-            raise _invalid(name, value, f"{rule}, not a {type(value).__name__}")
-        if value < low or (bound and value > bound[0]):
-            raise _invalid(name, value, rule)
-        return int(value)
-    return check
-
-
-def _k(cfg, name, value):
-    if not _is_int(value) or value < 1:
-        kind = "" if _is_int(value) else f", not a {type(value).__name__}"
-        raise _invalid(name, value, f"a positive int (1 <= k <= d_sae={cfg.d_sae}){kind}")
-    if get_architecture(cfg.architecture).selects_k and value > cfg.d_sae:
-        raise ConfigError(f"SAEConfig.k={value} exceeds d_sae={cfg.d_sae}; it must satisfy 1 <= k <= d_sae")
-    return int(value)
-
-
-def _k_aux(cfg, name, value):
-    return None if value is None else _int(1, lambda c: (c.d_sae, "d_sae"))(cfg, name, value)
-
-
-def _choice(choices):
-    def check(cfg, name, value):
-        if not isinstance(value, str) or value not in choices:
-            raise ConfigError(f"SAEConfig.{name}={value!r}; choose one of {tuple(choices)}")
-        return value
-    return check
-
-
-def _number(low: float, inclusive: bool):
-    """A check for a finite real number > low (>= low when inclusive)."""
-    rule = f"a finite number {'>=' if inclusive else '>'} {low:g}"
-    if (low, inclusive) == (0, False):
-        rule = "a positive number (finite, > 0)"
-
-    def check(cfg, name, value):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise _invalid(name, value, f"{rule}, not a {type(value).__name__}")
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
-            raise _invalid(name, value, rule)
-        return float(value)
-    return check
-
-
-def _prefixes(cfg, name, value):
+# ----- field checks (saeengine.field_checks) ---------------------------------------------
+def _prefixes(cfg):
     # The order and the end at d_sae are Matryoshka's to check (check_config); any
     # architecture needs the type, as config.json stores it.
-    if isinstance(value, list):
-        value = tuple(value)
-    if not isinstance(value, tuple) or not all(_is_int(m) for m in value):
-        raise _invalid(name, value, "a tuple of ints, ascending and ending at d_sae (e.g. "
-                                    f"({max(1, cfg.d_sae // 8)}, {cfg.d_sae})), or () for random lengths")
-    return tuple(int(m) for m in value)
+    def check(value):
+        if isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, tuple) or not all(isinstance(m, numbers.Integral) and not isinstance(m, bool)
+                                                   for m in value):
+            raise ValueError(f"a tuple of ints, ascending and ending at d_sae (e.g. ({max(1, cfg.d_sae // 8)}, "
+                             f"{cfg.d_sae})), or () for random lengths")
+        return tuple(int(m) for m in value)
+    return check
 
 
-def _metadata(cfg, name, value):
+def _metadata(value):
     if not isinstance(value, dict):
-        raise _invalid(name, value, f"a dict, not a {type(value).__name__}")
+        raise ValueError(f"a dict, not a {type(value).__name__}")
     try:
         json.dumps(value)
     except (TypeError, ValueError) as err:
@@ -197,22 +140,27 @@ def _metadata(cfg, name, value):
     return value
 
 
-_CHECKS: dict[str, Callable[[SAEConfig, str, Any], Any]] = {
-    "d_in": _int(1),
-    "d_sae": _int(1),
-    "architecture": _choice(ARCHITECTURES),
-    "k": _k,
-    "dtype": _choice(tuple(DTYPES)),
-    "normalization": _choice(NORMALIZATIONS),
-    "k_aux": _k_aux,
-    "aux_alpha": _number(0.0, inclusive=True),
-    "jumprelu_threshold": _number(0.0, inclusive=False),
-    "jumprelu_bandwidth": _number(0.0, inclusive=False),
-    "matryoshka_inner": _choice(MATRYOSHKA_INNER),
-    "matryoshka_prefixes": _prefixes,
-    "matryoshka_random_prefixes": _int(1, lambda c: (c.d_sae, "d_sae") if c.architecture == "matryoshka" else None),
+def _selects_k(cfg) -> bool:
+    return get_architecture(cfg.architecture).selects_k
+
+
+_CHECKS = {
+    "d_in": checks.integer(1),
+    "d_sae": checks.integer(1),
+    "architecture": checks.choice(ARCHITECTURES),
+    # k <= d_sae only where k selects (the _RULES): relu and jumprelu do not read it.
+    "k": checks.using_config(lambda cfg: checks.integer(1, rule=f"a positive int (1 <= k <= d_sae={cfg.d_sae})")),
+    "dtype": checks.choice(tuple(DTYPES)),
+    "normalization": checks.choice(NORMALIZATIONS),
+    "k_aux": checks.using_config(lambda cfg: checks.optional(checks.integer(1, cfg.d_sae, high_name="d_sae"))),
+    "aux_alpha": checks.real(0.0),
+    "jumprelu_threshold": checks.real(0.0, low_open=True),
+    "jumprelu_bandwidth": checks.real(0.0, low_open=True),
+    "matryoshka_inner": checks.choice(MATRYOSHKA_INNER),
+    "matryoshka_prefixes": checks.using_config(_prefixes),
+    "matryoshka_random_prefixes": checks.using_config(
+        lambda cfg: checks.integer(1, cfg.d_sae if cfg.architecture == "matryoshka" else None, high_name="d_sae")),
     "metadata": _metadata,
 }
-# A field added without a check would be accepted unchecked: fail at import instead.
-if list(_CHECKS) != [f.name for f in dataclasses.fields(SAEConfig)]:
-    raise RuntimeError("every SAEConfig field needs an entry in saeengine.config._CHECKS, in field order")
+checks.require_every_field(SAEConfig, _CHECKS)
+_RULES = (checks.at_most("k", "d_sae", when=_selects_k),)

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import demo_checks as checks
+from . import field_checks as checks
 from .backbones import efficientnet_lite, record_activations
 from .report import top_examples, write_report
 from .store import ActivationStore
 from .trainer import TrainConfig, train
+from .trainer.config import CHECKS as TRAIN_CHECKS
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "horse", "hubble_deep_field",
           "immunohistochemistry", "moon", "page", "rocket", "text", "brick", "grass", "gravel", "colorwheel",
@@ -97,11 +98,11 @@ _CHECKS = {
     "d_sae": checks.integer(1),
     "k": checks.integer(1),
     "total_tokens": checks.integer(1),
-    "batch_size": checks.integer(2, why="FVU needs two rows"),
-    "lr": checks.real(0.0, why="0: the default 2e-4 / sqrt(d_sae / 2^14)"),
+    "batch_size": TRAIN_CHECKS["batch_size"],  # the trainer's checks (batch_size, lr, seed): handed on to it
+    "lr": TRAIN_CHECKS["lr"],
     "latents_shown": checks.integer(1),
     "images_per_latent": checks.integer(1),
-    "seed": checks.integer(0, checks.SEED_LIMIT - 1),
+    "seed": TRAIN_CHECKS["seed"],
     "device": checks.device,
     "backend": checks.backend,
     "out": checks.folder,
@@ -110,13 +111,12 @@ checks.require_every_field(DemoConfig, _CHECKS)
 _RULES = (
     _side_rule("mnist_size"),
     _side_rule("photo_size"),
-    checks.Rule("k", lambda cfg: cfg.k <= cfg.d_sae, lambda cfg: f"an int in [1, d_sae={cfg.d_sae}]"),
+    checks.at_most("k", "d_sae"),
     # a quarter of the run is the window after which a latent that never fired counts as dead
     checks.Rule("total_tokens", lambda cfg: cfg.total_tokens >= max(cfg.batch_size, 4),
                 lambda cfg: f"an int >= batch_size={cfg.batch_size} (one step) and >= 4 (a quarter of it is the "
                             f"dead-latent window)"),
-    checks.Rule("latents_shown", lambda cfg: cfg.latents_shown <= cfg.d_sae,
-                lambda cfg: f"an int in [1, d_sae={cfg.d_sae}]"),
+    checks.at_most("latents_shown", "d_sae"),
 )
 
 
@@ -144,7 +144,9 @@ def offline_images(n_mnist: int) -> tuple[list[np.ndarray], list[str]]:
 
 def _record(backbone, images, size: int, layer: str, out: Path, progress: bool) -> ActivationStore:
     backbone.image_size = size
-    return ActivationStore(record_activations(backbone, images, [layer], out, batch_size=100, progress=progress)[layer])
+    # resume=True: a rerun into the same folder reuses (or finishes) the recorded stores.
+    return ActivationStore(record_activations(backbone, images, [layer], out, batch_size=100, progress=progress,
+                                              resume=True)[layer])
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from . import demo_checks as checks
+from . import field_checks as checks
 from .backends import available_backends
 from .synthetic import dictionary_recovery, planted_dictionary
 from .trainer import TrainConfig, train
+from .trainer.config import CHECKS as TRAIN_CHECKS
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,17 @@ _CHECKS = {
     "k": checks.integer(1),
     "tokens": checks.integer(10, why="a fifth of them, at least 2, is held out for the FVU"),
     "steps": checks.integer(1),
-    "batch_size": checks.integer(2, why="FVU needs two rows"),
-    "lr": checks.real(0.0, why="0: the default 2e-4 / sqrt(d_sae / 2^14)"),
-    "seed": checks.integer(0, checks.SEED_LIMIT - 1),
+    "batch_size": TRAIN_CHECKS["batch_size"],  # the trainer's checks (batch_size, lr, seed): handed on to it
+    "lr": TRAIN_CHECKS["lr"],
+    "seed": TRAIN_CHECKS["seed"],
     "device": checks.device,
     "backend": checks.backend,
     "out": checks.folder,
 }
 checks.require_every_field(SyntheticDemoConfig, _CHECKS)
 _RULES = (
-    checks.Rule("active_per_token", lambda cfg: cfg.active_per_token <= cfg.n_atoms,
-                lambda cfg: f"an int in [1, n_atoms={cfg.n_atoms}]"),
-    checks.Rule("k", lambda cfg: cfg.k <= cfg.d_sae, lambda cfg: f"an int in [1, d_sae={cfg.d_sae}]"),
+    checks.at_most("active_per_token", "n_atoms"),
+    checks.at_most("k", "d_sae"),
     checks.Rule("tokens", lambda cfg: cfg.tokens - held_out_tokens(cfg.tokens) >= cfg.batch_size,
                 lambda cfg: f"an int that leaves at least batch_size={cfg.batch_size} training tokens after the "
                             f"min({HELD_OUT_MAX}, tokens // 5) held out for the FVU (it leaves "

@@ -284,8 +284,8 @@ def test_registry_and_config_agree():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(architecture="gated"), r"architecture='gated'; choose one of \('topk', 'batchtopk', 'relu', 'jumprelu', "
-                                 r"'matryoshka'\)"),
+    (dict(architecture="gated"), r"architecture='gated' is invalid: .*choose one of \('topk', 'batchtopk', 'relu', "
+                                 r"'jumprelu', 'matryoshka'\)"),
     (dict(architecture="matryoshka", matryoshka_prefixes=(8, 4, 32)), r"matryoshka_prefixes=\(8, 4, 32\) is invalid"),
     (dict(architecture="matryoshka", matryoshka_prefixes=(8, 16)), r"ending at d_sae=32"),
     (dict(architecture="matryoshka", matryoshka_prefixes=(0, 32)), r"positive ints"),
@@ -293,7 +293,7 @@ def test_registry_and_config_agree():
     (dict(architecture="matryoshka", matryoshka_random_prefixes=0), r"matryoshka_random_prefixes=0 is invalid.*"
                                                                     r"\[1, d_sae=32\]"),
     (dict(architecture="matryoshka", matryoshka_random_prefixes=33), r"matryoshka_random_prefixes=33"),
-    (dict(architecture="matryoshka", matryoshka_inner="relu"), r"matryoshka_inner='relu'; choose one of "
+    (dict(architecture="matryoshka", matryoshka_inner="relu"), r"matryoshka_inner='relu' is invalid: .*choose one of "
                                                                r"\('topk', 'batchtopk'\)"),
     (dict(architecture="matryoshka", k=33), r"k=33 exceeds d_sae=32"),
     (dict(architecture="jumprelu", jumprelu_threshold=0.0), r"jumprelu_threshold=0.0 is invalid: it must be a "
@@ -306,7 +306,8 @@ def test_bad_config_values_name_the_field(fields, message):
 
 
 def test_bad_train_config_values_name_the_field():
-    with pytest.raises(ValueError, match=r"TrainConfig.matryoshka_prefixes='8,x' is invalid: give comma-separated"):
+    with pytest.raises(ValueError,
+                       match=r"TrainConfig.matryoshka_prefixes='8,x' is invalid: it must be comma-separated"):
         TrainConfig(architecture="matryoshka", d_sae=32, k=4, matryoshka_prefixes="8,x")
     with pytest.raises(ValueError, match=r"TrainConfig: SAEConfig.matryoshka_prefixes=\(8, 16\) is invalid"):
         TrainConfig(architecture="matryoshka", d_sae=32, k=4, matryoshka_prefixes="8,16")

@@ -141,8 +141,8 @@ def _record(backbone: Backbone, items, states: dict[str, _LayerState], keep: tup
             try:
                 indices, inputs, skipped = _batch_inputs(backbone, items, start, stop, skip_unreadable)
             except InputError as exc:
-                raise InputError(f"{exc}. The recording so far is kept in {out_dir}: rerun with resume=True to "
-                                 "continue it") from exc
+                raise InputError(f"{exc}. The recording so far is kept in {out_dir}: rerun with resume=True "
+                                 "(CLI: --resume) to continue it") from exc
             if inputs is not None:
                 caught.clear()
                 deepest[0] = max(active, key=backbone.layer_index)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import re
 from dataclasses import dataclass
-from typing import Any, Callable
 
-from .. import backends
+from .. import field_checks as checks
 from ..architectures import get_architecture
 from ..architectures.matryoshka import INNER as MATRYOSHKA_INNER
 from ..config import ARCHITECTURES, NORMALIZATIONS, SAEConfig
@@ -20,7 +17,7 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 OPTIMIZERS = ("adam", "row_sparse_adam")
 MOMENT_DTYPES = ("float32", "bfloat16")
 AUTOCAST = ("none", "bfloat16", "float16")
-DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+SEED_LIMIT = 2**32  # seeds are drawn below it
 # out_dir/<CHECKPOINTS_DIR>/ holds the resumable checkpoints, so no SAE may take that name.
 CHECKPOINTS_DIR = "checkpoints"
 MAX_NAME_BYTES = 255  # a folder name on common filesystems
@@ -155,25 +152,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Each field's type and range first (values come back normalized: numpy ints ->
         # int, ints given for floats -> float), then the rules that tie fields together.
-        for name, check in _CHECKS.items():
-            object.__setattr__(self, name, check(name, getattr(self, name)))
-        checks = [
-            (self.moment_dtype == "float32" or self.optimizer == "row_sparse_adam",
-             "moment_dtype='bfloat16' needs optimizer='row_sparse_adam' (torch's Adam keeps moments in the "
-             "parameters' dtype)"),
-            (self.total_tokens >= self.batch_size,
-             f"total_tokens={self.total_tokens} is less than one batch (batch_size={self.batch_size}): the run would "
-             f"take no step; raise total_tokens to at least {self.batch_size}, or lower batch_size"),
-            (self.k_anneal_from == 0 or self.k < self.k_anneal_from <= self.d_sae,
-             f"k_anneal_from={self.k_anneal_from}; it must be 0 (off) or lie in (k={self.k}, d_sae={self.d_sae}]"),
-            (self.k_anneal_from == 0 or get_architecture(self.architecture).selects_k,
-             f"k_anneal_from applies to {', '.join(a for a in ARCHITECTURES if get_architecture(a).selects_k)}, "
-             f"not {self.architecture!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"TrainConfig.{message}")
-        self._matryoshka_prefixes()  # its own error, naming the string
+        checks.check_fields(self, CHECKS, _RULES)
         try:  # the architecture's own fields (they do not depend on d_in)
             self.sae_config(d_in=1)
         except ValueError as err:
@@ -246,89 +225,25 @@ class TrainConfig:
 
     def _matryoshka_prefixes(self) -> tuple[int, ...]:
         """matryoshka_prefixes "64,512,4096" -> (64, 512, 4096); "" -> ()."""
-        if not self.matryoshka_prefixes.strip():
-            return ()
+        return _parse_prefixes(self.matryoshka_prefixes)
+
+
+# ----- field checks (saeengine.field_checks) ---------------------------------------------
+def _parse_prefixes(value: str) -> tuple[int, ...]:
+    return tuple(int(m) for m in value.split(",")) if value.strip() else ()
+
+
+def _prefixes(cfg):
+    rule = f"comma-separated ints ending at d_sae, e.g. '{max(1, cfg.d_sae // 8)},{cfg.d_sae}' (empty: random lengths)"
+
+    def check(value):
+        checks.text(value)
         try:
-            return tuple(int(m) for m in self.matryoshka_prefixes.split(","))
+            _parse_prefixes(value)
         except ValueError:
-            raise ConfigError(f"TrainConfig.matryoshka_prefixes={self.matryoshka_prefixes!r} is invalid: give "
-                              f"comma-separated ints ending at d_sae, e.g. '{max(1, self.d_sae // 8)},{self.d_sae}'"
-                              ) from None
-
-
-# ----- field checks ---------------------------------------------------------------------
-def _invalid(name: str, value: Any, rule: str) -> ConfigError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return ConfigError(f"TrainConfig.{name}={shown} is invalid: it must be {rule}")
-
-
-def _int(low: int, rule: str = "", high: int | None = None):
-    """An int >= low (and < high when given; a bool is refused: True would pass as 1)."""
-    rule = rule or f"an int >= {low}"
-
-    def check(name, value):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise _invalid(name, value, f"{rule}, not a {type(value).__name__}")
-        if value < low or (high is not None and value >= high):
-            raise _invalid(name, value, rule)
-        return int(value)
-    return check
-
-
-def _real(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, rule: str = ""):
-    """A finite real number in the interval (low, high) with the given ends."""
-    rule = rule or (f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-                    if math.isfinite(high) else f"a finite number {'>' if low_open else '>='} {low:g}")
-
-    def check(name, value):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise _invalid(name, value, f"{rule}, not a {type(value).__name__}")
-        value = float(value)
-        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
-                  and (value < high if high_open else value <= high))
-        if not inside:
-            raise _invalid(name, value, rule)
+            raise ValueError(rule) from None
         return value
     return check
-
-
-def _choice(choices: tuple[str, ...]):
-    def check(name, value):
-        if not isinstance(value, str) or value not in choices:
-            raise ConfigError(f"TrainConfig.{name}={value!r} is invalid: choose one of {tuple(choices)}")
-        return value
-    return check
-
-
-def _bool(name, value):
-    if not isinstance(value, bool):
-        raise _invalid(name, value, f"True or False, not a {type(value).__name__}")
-    return value
-
-
-def _text(name, value):
-    if not isinstance(value, str):
-        raise _invalid(name, value, f"a string, not a {type(value).__name__}")
-    return value
-
-
-def _device(name, value):
-    if not isinstance(value, str) or not re.fullmatch(DEVICE_PATTERN, value):
-        raise _invalid(name, value, "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
-    return value
-
-
-def _backend(name, value):
-    known = ("auto", *backends.FAMILIES, *[n for n in backends._all_names() if n not in backends.FAMILIES])
-    if not isinstance(value, str) or value not in known:
-        raise ConfigError(f"TrainConfig.{name}={value!r} is invalid: choose one of {known}")
-    return value
-
-
-def _out_dir(name, value):
-    if not isinstance(value, str) or not value.strip() or "\0" in value:
-        raise _invalid(name, value, "a non-empty folder path")
-    return value
 
 
 def name_problem(value: str) -> str | None:
@@ -348,60 +263,77 @@ def name_problem(value: str) -> str | None:
     return None
 
 
-def _name(name, value):
-    _text(name, value)
+def _name(value):
+    checks.text(value)
     problem = name_problem(value) if value else None
     if problem:
-        raise _invalid(name, value, f"empty (a name built from the settings) or {problem}")
+        raise ValueError(f"empty (a name built from the settings) or {problem}")
     return value
 
 
-_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "d_sae": _int(1),
-    "architecture": _choice(ARCHITECTURES),
-    "k": _int(1),
-    "k_anneal_from": _int(0, "0 (off) or an int in (k, d_sae]"),
-    "k_anneal_fraction": _real(0.0, 1.0, low_open=True),
-    "total_tokens": _int(1, "an int >= batch_size (the run takes total_tokens // batch_size steps)"),
-    "batch_size": _int(2, "an int >= 2 (FVU needs two rows)"),
-    "lr": _real(0.0, rule="a finite number > 0, or 0 for the default 2e-4 / sqrt(d_sae / 2^14)"),
-    "warmup_steps": _int(0, "an int >= 0 (0: no warm-up)"),
-    "decay_start": _real(0.0, 1.0, rule="a number in [0, 1] (a fraction of the run; 1: no decay)"),
-    "adam_beta1": _real(0.0, 1.0, high_open=True),
-    "adam_beta2": _real(0.0, 1.0, high_open=True),
-    "clip_grad_norm": _real(0.0, rule="a finite number >= 0 (0: no clipping)"),
-    "optimizer": _choice(OPTIMIZERS),
-    "moment_dtype": _choice(MOMENT_DTYPES),
-    "resample_every_tokens": _int(0, "an int >= 0 (0: never resample)"),
-    "auxk": _bool,
-    "k_aux": _int(0, "an int >= 0 (0: d_in // 2)"),
-    "aux_alpha": _real(0.0),
-    "dead_after_tokens": _int(1, "an int >= 1 (tokens without firing before a latent counts as dead)"),
-    "sparsity_coefficient": _real(0.0),
-    "sparsity_warmup_steps": _int(0, "an int >= 0 (0: no warm-up)"),
-    "jumprelu_threshold": _real(0.0, low_open=True),
-    "matryoshka_inner": _choice(MATRYOSHKA_INNER),
-    "matryoshka_prefixes": _text,
-    "matryoshka_random_prefixes": _int(1),
-    "b_dec_init": _choice(B_DEC_INITS),
-    "init_from": _text,
-    "normalization": _choice(NORMALIZATIONS),
-    "autocast": _choice(AUTOCAST),
-    "seed": _int(0, "an int in [0, 2^32)", high=2**32),
-    "device": _device,
-    "backend": _backend,
-    "out_dir": _out_dir,
+def _k_anneal_applies(cfg) -> str:
+    selecting = ", ".join(a for a in ARCHITECTURES if get_architecture(a).selects_k)
+    return f"0 (off): k_anneal_from applies to {selecting}, not {cfg.architecture!r}"
+
+
+# The demos hand lr, batch_size and seed on to a TrainConfig, so they check them with these.
+CHECKS = {
+    "d_sae": checks.integer(1),
+    "architecture": checks.choice(ARCHITECTURES),
+    "k": checks.integer(1),
+    "k_anneal_from": checks.integer(0, why="0: off; else in (k, d_sae]"),
+    "k_anneal_fraction": checks.real(0.0, 1.0, low_open=True),
+    "total_tokens": checks.integer(1, why="and >= batch_size: the run takes total_tokens // batch_size steps"),
+    "batch_size": checks.integer(2, why="FVU needs two rows"),
+    "lr": checks.real(0.0, why="> 0, or 0 for the default 2e-4 / sqrt(d_sae / 2^14)"),
+    "warmup_steps": checks.integer(0, why="0: no warm-up"),
+    "decay_start": checks.real(0.0, 1.0, why="a fraction of the run; 1: no decay"),
+    "adam_beta1": checks.real(0.0, 1.0, high_open=True),
+    "adam_beta2": checks.real(0.0, 1.0, high_open=True),
+    "clip_grad_norm": checks.real(0.0, why="0: no clipping"),
+    "optimizer": checks.choice(OPTIMIZERS),
+    "moment_dtype": checks.choice(MOMENT_DTYPES),
+    "resample_every_tokens": checks.integer(0, why="0: never resample"),
+    "auxk": checks.boolean,
+    "k_aux": checks.integer(0, why="0: d_in // 2"),
+    "aux_alpha": checks.real(0.0),
+    "dead_after_tokens": checks.integer(1, why="tokens without firing before a latent counts as dead"),
+    "sparsity_coefficient": checks.real(0.0),
+    "sparsity_warmup_steps": checks.integer(0, why="0: no warm-up"),
+    "jumprelu_threshold": checks.real(0.0, low_open=True),
+    "matryoshka_inner": checks.choice(MATRYOSHKA_INNER),
+    "matryoshka_prefixes": checks.using_config(_prefixes),
+    "matryoshka_random_prefixes": checks.integer(1),
+    "b_dec_init": checks.choice(B_DEC_INITS),
+    "init_from": checks.text,
+    "normalization": checks.choice(NORMALIZATIONS),
+    "autocast": checks.choice(AUTOCAST),
+    "seed": checks.integer(0, SEED_LIMIT - 1, rule=f"an int in [0, 2^32), i.e. [0, {SEED_LIMIT - 1}]"),
+    "device": checks.device,
+    "backend": checks.backend,
+    "out_dir": checks.folder,
     "name": _name,
-    "checkpoint_every_tokens": _int(0, "an int >= 0 (0: only at the end)"),
-    "resume": _bool,
-    "log_every": _int(1, "an int >= 1 (steps between metric lines)"),
-    "tensorboard": _bool,
-    "wandb_project": _text,
-    "progress": _bool,
+    "checkpoint_every_tokens": checks.integer(0, why="0: only at the end"),
+    "resume": checks.boolean,
+    "log_every": checks.integer(1, why="steps between metric lines"),
+    "tensorboard": checks.boolean,
+    "wandb_project": checks.text,
+    "progress": checks.boolean,
 }
-# A field added without a check would be accepted unchecked: fail at import instead.
-if list(_CHECKS) != [f.name for f in dataclasses.fields(TrainConfig)]:
-    raise RuntimeError("every TrainConfig field needs an entry in saeengine.trainer.config._CHECKS, in field order")
+checks.require_every_field(TrainConfig, CHECKS)
+_RULES = (
+    checks.Rule("moment_dtype", lambda cfg: cfg.moment_dtype == "float32" or cfg.optimizer == "row_sparse_adam",
+                lambda cfg: "'float32' with optimizer='adam' (torch's Adam keeps moments in the parameters' dtype)",
+                lambda cfg: "needs optimizer='row_sparse_adam'"),
+    checks.Rule("total_tokens", lambda cfg: cfg.total_tokens >= cfg.batch_size,
+                lambda cfg: f"an int >= batch_size={cfg.batch_size} (the run would take no step); raise "
+                            f"total_tokens to at least {cfg.batch_size}, or lower batch_size",
+                lambda cfg: f"is less than one batch (batch_size={cfg.batch_size})"),
+    checks.Rule("k_anneal_from", lambda cfg: cfg.k_anneal_from == 0 or cfg.k < cfg.k_anneal_from <= cfg.d_sae,
+                lambda cfg: f"0 (off) or an int in (k={cfg.k}, d_sae={cfg.d_sae}]"),
+    checks.Rule("k_anneal_from", lambda cfg: cfg.k_anneal_from == 0 or get_architecture(cfg.architecture).selects_k,
+                _k_anneal_applies),
+)
 
 
 def check_sweep(configs: list[TrainConfig]) -> None:
