@@ -3,6 +3,8 @@
 import errno
 import multiprocessing as mp
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,29 +14,34 @@ from saeengine._lock import exclusive_lock, is_locked
 from saeengine.errors import DiskFullError, LockedError
 
 
-def _hold(directory, ready, release):
+def _hold(directory, ready_file):
     with exclusive_lock(directory, "run folder"):
-        ready.set()
-        release.wait(30)
+        Path(ready_file).write_text("locked")
+        time.sleep(60)
 
 
 def test_lock_names_the_holder_in_another_process_and_dies_with_it(tmp_path):
-    ctx = mp.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold, args=(tmp_path, ready, release))
+    # No multiprocessing Event: a process SIGKILLed inside one leaves its lock held and
+    # deadlocks whoever sets it next. The child says it is ready with a file.
+    ready = tmp_path / "ready"
+    holder = mp.get_context("spawn").Process(target=_hold, args=(tmp_path / "run", ready))
     holder.start()
     try:
-        assert ready.wait(60)
-        assert is_locked(tmp_path)
-        with pytest.raises(LockedError, match=rf"run folder {tmp_path} is in use by pid {holder.pid}"):
-            with exclusive_lock(tmp_path, "run folder"):
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline and holder.is_alive():
+            time.sleep(0.01)
+        assert ready.exists(), "the holder never took the lock"
+        assert is_locked(tmp_path / "run")
+        with pytest.raises(LockedError, match=rf"run folder {tmp_path / 'run'} is in use by pid {holder.pid}"):
+            with exclusive_lock(tmp_path / "run", "run folder"):
                 pass
         holder.kill()  # a SIGKILLed holder must not leave a stale lock
         holder.join(30)
-        with exclusive_lock(tmp_path, "run folder"):
+        with exclusive_lock(tmp_path / "run", "run folder"):
             pass
     finally:
-        release.set()
+        if holder.is_alive():
+            holder.kill()
         holder.join(30)
 
 
