@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from .cli_commands import (final_metrics, interrupted_demo, interrupted_record, interrupted_train, run_demo,
                            run_demo_synthetic, run_train, train_configs)
-from .cli_failures import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, one_line, report
+from .cli_failures import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, one_line, one_line_warnings, report
 from .cli_options import FALSE_WORDS, TRUE_WORDS, add_dataclass_options, parse_value, train_choices
 from .cli_sweeps import RUN_NAME_FIELDS, parse_sweeps, sweep_configs, unsweepable
 
@@ -163,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(parser, argv)
         prog, debug = args._parser.prog, args.debug
         try:
-            return args._command.run(args)
+            with one_line_warnings(prog, debug):
+                return args._command.run(args)
         except UsageError as err:
             args._parser.error(str(err))
     except KeyboardInterrupt as err:

@@ -9,8 +9,11 @@ pointing at ``--debug``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
+import warnings
+from typing import Iterator
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -46,3 +49,22 @@ def report(prog: str, err: BaseException, debug: bool) -> None:
         message = (f"{type(err).__name__}: {one_line(err)} (an unexpected error, likely a bug in saeengine; "
                    f"run with --debug for the traceback)")
     print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str, debug: bool) -> Iterator[None]:
+    """Inside the block, a warning prints as ``<prog>: warning: <message>`` on one line
+    (``--debug``: Python's own format, with the file and line that warned)."""
+    if debug:
+        yield
+        return
+    before = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {one_line(message)}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before

@@ -146,3 +146,12 @@ def assert_same_saved_sae(sae, loaded):
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)), name
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test on one torch thread (bitwise comparisons with single-threaded children)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

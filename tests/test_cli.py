@@ -297,3 +297,21 @@ def test_a_record_module_that_cannot_import_says_why(monkeypatch, capsys):
     assert cli.main(["record", "--images", "x"]) == 1
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("saeengine record: error: the record command cannot be loaded: No module named 'PIL'")
+
+
+def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
+    """A warning during a command is one line ``saeengine <cmd>: warning: ...``, not Python's
+    two-line format with the warning's source line."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    argv = ["record", str(folder), "--backbone", "efficientnet-lite0", "--layers", "blocks.1",
+            "--image-size", "32", "--no-progress"]
+    assert cli.main([*argv, "--out-dir", str(tmp_path / "acts")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "skipped" in line]
+    assert lines and lines[0].startswith("saeengine record: warning: ") and ".txt (1)" in lines[0], err
+    assert "UserWarning" not in err and "ImageSource(" not in err, err

@@ -37,13 +37,8 @@ DISK_STEPS, DISK_EVERY = 20, 5      # the disk-full run: few steps, large checkp
 FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The forked trainers run on one thread: so does the test (the same reductions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The child processes train on one thread: so does the test (the same reductions).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

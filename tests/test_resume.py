@@ -73,13 +73,8 @@ def _train_and_die(data_path: str, run_settings: dict, kill: str, nth: int) -> N
     saeengine.train(torch.load(data_path), TrainConfig(**run_settings))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The killed subprocess runs on one thread: so does the test (the same reductions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The child processes train on one thread: so does the test (the same reductions).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
