@@ -19,11 +19,14 @@ _NEARLY_FULL_BYTES = 1 << 20
 
 
 def _disk_full(exc: BaseException, directory: Path) -> bool:
-    seen = exc
+    seen, errno_less = exc, False
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
             return True
+        errno_less |= (isinstance(seen, OSError) and seen.errno is None) or "unexpected pos" in str(seen)
         seen = seen.__cause__ or seen.__context__
+    if not errno_less:  # an error with its own cause (a bad tensor, a permission) stays itself
+        return False
     try:
         return shutil.disk_usage(directory).free < _NEARLY_FULL_BYTES
     except OSError:

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +36,19 @@ def _describe(info: str) -> str:
         return "another process"
 
 
+def _try_lock(fd: int, tries: int = 5, wait_s: float = 0.02) -> bool:
+    # A few quick retries: is_locked() holds a shared lock for an instant, which must not
+    # make a writer starting at that moment fail. A real holder is still refused in < 0.1 s.
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(wait_s)
+    return False
+
+
 @contextlib.contextmanager
 def exclusive_lock(directory: str | Path, what: str) -> Iterator[Path]:
     """Hold ``directory/.lock`` exclusively for the ``with`` body.
@@ -48,9 +62,7 @@ def exclusive_lock(directory: str | Path, what: str) -> Iterator[Path]:
     path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             raise LockedError(f"the {what} {directory} is in use by {holder}; wait for it to finish, "
                               f"stop it, or use another folder") from None

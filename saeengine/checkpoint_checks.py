@@ -6,7 +6,6 @@ and the field. Also the two checks saving shares: non-finite values and the SHA-
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint_format import (_FIELDS, CONFIG_FILE, FORMAT, FORMAT_VERSION, LEGACY_V1_FIELDS, NORM_BUFFERS,
                                 WEIGHTS_FILE)
+from ._hashing import hash_files
 from .config import SAEConfig
 from .errors import CheckpointError, ConfigError
 
-_CHUNK = 1 << 20
 
 
 # ----- shared with saving -----------------------------------------------------------------
@@ -29,26 +28,32 @@ def nan_markers(sae) -> set[str]:
     return {name for name, _ in sae.named_buffers()} - set(NORM_BUFFERS)
 
 
+def nonfinite_counts(tensors: dict[str, torch.Tensor], markers: set[str]) -> dict[str, torch.Tensor]:
+    """For each floating tensor, how many of its values it must not hold (NaN is allowed
+    only in ``markers``, see :func:`nan_markers`): a 0-d int64 tensor on the tensor's
+    device, not read on the host (a caller reads many at once)."""
+    return {name: (torch.isinf(t) if name in markers else ~torch.isfinite(t)).sum()
+            for name, t in tensors.items() if t.is_floating_point()}
+
+
+def listed_nonfinite(tensors: dict[str, torch.Tensor], counts: dict[str, int]) -> list[str]:
+    """'name (n of m values)' for each tensor with a nonzero count (``counts``: the
+    values of :func:`nonfinite_counts`, read on the host)."""
+    return [f"{name!r} ({n} of {tensors[name].numel()} values)" for name, n in counts.items() if n]
+
+
 def nonfinite(tensors: dict[str, torch.Tensor], markers: set[str]) -> list[str]:
     """'name (n of m values)' for each floating tensor holding a value it must not (NaN is
-    allowed only in ``markers``, see :func:`nan_markers`)."""
-    found = []
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            continue
-        bad = int(torch.isinf(t).sum()) if name in markers else int((~torch.isfinite(t)).sum())
-        if bad:
-            found.append(f"{name!r} ({bad} of {t.numel()} values)")
-    return found
+    allowed only in ``markers``, see :func:`nan_markers`); one host read (the tensors
+    share a device)."""
+    counts = nonfinite_counts(tensors, markers)
+    read = torch.stack(list(counts.values())).tolist() if counts else []
+    return listed_nonfinite(tensors, dict(zip(counts, read)))
 
 
 def sha256(path: Path) -> str:
-    """The file's SHA-256, hex, read a chunk at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's SHA-256, hex."""
+    return hash_files(path)
 
 
 # ----- loading: config.json -------------------------------------------------------------

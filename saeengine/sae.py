@@ -61,17 +61,6 @@ class ForwardOutput:
 MIN_RELATIVE_SPREAD = 1e-5  # fit_normalization: a smaller spread (relative to the mean) counts as none
 
 
-def _raise_if_nonfinite(name: str, t: torch.Tensor, fix: str) -> None:
-    """NonFiniteError naming the count and the first row of t [N, d] holding NaN or inf
-    (one host sync when all is finite)."""
-    if bool(torch.isfinite(t).all()):
-        return
-    bad = ~torch.isfinite(t)
-    row = int(bad.any(1).nonzero()[0, 0])
-    raise NonFiniteError(f"{name} has {int(bad.sum())} non-finite values (NaN or inf), the first in row {row} "
-                         f"({t[row][bad[row]][0].item()}); {fix}")
-
-
 def _compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -127,7 +116,7 @@ class SAE(nn.Module):
         _checks.check_matrix("sample", sample, cols=self.cfg.d_in, what=f"[M, d_in={self.cfg.d_in}]")
         _checks.check_float("sample", sample)
         sample = sample.to(device=self.norm_mean.device, dtype=torch.float32)
-        _raise_if_nonfinite("sample", sample, "clean the activations before fitting the normalization")
+        _checks.check_finite("sample", sample, "clean the activations before fitting the normalization")
         needed = 1 if self.cfg.normalization == "none" else 2
         if sample.shape[0] < needed:
             raise DataError(f"sample has {sample.shape[0]} rows; fit_normalization needs at least {needed} rows of "
@@ -176,7 +165,7 @@ class SAE(nn.Module):
             raise ValueError(f"x is on {x.device} but the SAE is on {self.W_enc.device}; "
                              f"move one of them (x.to({str(self.W_enc.device)!r}) or sae.to(...))")
         if check:
-            _raise_if_nonfinite("x", x, "clean the activations, or pass check=False to skip this check")
+            _checks.check_finite("x", x)
 
     def encode(self, x: torch.Tensor, *, backend: str = "auto", check: bool = True) -> Code:
         """x [N, d_in] raw activations -> the code: SparseCode (values, indices [N, k]) or

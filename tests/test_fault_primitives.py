@@ -94,3 +94,38 @@ def test_torch_save_on_a_full_tmpfs_says_disk_full(tiny_tmpfs):
     with pytest.raises(DiskFullError, match="the disk is full"):
         atomic_write(tiny_tmpfs / "w.pt", lambda t: torch.save(torch.randn(1 << 19), t))
     assert list(tiny_tmpfs.iterdir()) == []
+
+
+def test_a_reader_checking_the_lock_does_not_make_a_writer_fail(tmp_path):
+    """is_locked() holds a shared lock for an instant; a writer starting then still gets in."""
+    import fcntl
+    import os
+    import threading
+
+    (tmp_path / ".lock").touch()
+    fd = os.open(tmp_path / ".lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what is_locked() holds, here for 30 ms
+    threading.Timer(0.03, os.close, args=(fd,)).start()
+    with exclusive_lock(tmp_path, "activation store"):
+        pass
+
+
+def test_an_unrelated_error_on_a_nearly_full_disk_is_not_called_disk_full(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1000, 1000))
+
+    def bad_tensor(tmp):
+        raise RuntimeError("expected a contiguous tensor")
+
+    with pytest.raises(RuntimeError, match="contiguous") as info:
+        atomic_write(tmp_path / "x", bad_tensor)
+    assert not isinstance(info.value, DiskFullError)
+
+    def torch_full(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    with pytest.raises(DiskFullError, match="the disk is full"):
+        atomic_write(tmp_path / "y", torch_full)

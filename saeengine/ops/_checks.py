@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import NonFiniteError
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -50,14 +52,21 @@ def check_compute_dtype(name: str, t: torch.Tensor, **params: torch.Tensor | Non
                             "dtype or float32 (master weights): cast them, or run under torch.autocast")
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    # One reduction and one host sync; callers on the hot path pass check=False.
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(
-            f"{name} has {bad} non-finite values (NaN or inf); clean the activations, "
-            "or pass check=False to skip this check"
-        )
+def check_finite(name: str, t: torch.Tensor,
+                 fix: str = "clean the activations, or pass check=False to skip this check") -> None:
+    """NonFiniteError naming the count and the first row of t [N, d] holding NaN or inf.
+
+    One reduction and one host sync when all is finite; callers on the hot path pass
+    check=False.
+    """
+    if bool(torch.isfinite(t).all()):
+        return
+    bad = ~torch.isfinite(t)
+    rows = bad.reshape(t.shape[0], -1).any(1) if t.dim() > 1 else bad
+    row = int(rows.nonzero()[0, 0])
+    first = t[row][bad[row]].flatten()[0].item() if t.dim() > 1 else t[row].item()
+    raise NonFiniteError(f"{name} has {int(bad.sum())} non-finite values (NaN or inf), the first in row {row} "
+                         f"({first}); {fix}")
 
 
 def check_k(k: int, d_sae: int, name: str = "k") -> None:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_write_bytes
+from .._hashing import hash_files
 from ..errors import StoreCorruptError, StoreError, StoreIncompleteError  # noqa: F401  (re-exported)
 
 FORMAT = "saeengine-activations"
@@ -293,9 +294,5 @@ def shard_paths(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def file_digest(*paths: Path) -> str:
-    h = digest()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    """The store's digest of the files' bytes, in order (a shard's .bin then .src)."""
+    return hash_files(*paths, new=digest)
