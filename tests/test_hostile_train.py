@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import json
 import logging
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -344,7 +345,73 @@ FOLDER_CASES = [
          CheckpointError, "none"),
 ]
 
-CASES = CONFIG_CASES + DATA_CASES + NONFINITE_CASES + STALE_CASES + SWEEP_CASES + FOLDER_CASES
+# ----- a run folder that resuming cannot check ---------------------------------------------
+def _unverifiable_sae_folder(tmp: Path, damage) -> None:
+    """A finished run, its checkpoints removed, its SAE's config.json damaged by
+    ``damage(path)``; then the same run again with resume=True."""
+    saeengine.train(acts(), tiny(tmp))
+    shutil.rmtree(tmp / "run" / "checkpoints")
+    damage(tmp / "run" / "sae" / "config.json")
+    return saeengine.train(acts(), tiny(tmp))
+
+
+def _edit_provenance(path: Path, edit) -> None:
+    config = json.loads(path.read_text())
+    edit(config["provenance"])
+    path.write_text(json.dumps(config))
+
+
+def _hand_saved_sae(tmp: Path):
+    """An SAE saved by hand (no provenance) where the run saves its SAE."""
+    saeengine.SAE(tiny().sae_config(D_IN)).save(tmp / "run" / "sae")
+    return saeengine.train(acts(), tiny(tmp))
+
+
+def _strip_checkpoint_data(tmp: Path) -> Path:
+    """A run's checkpoint as an earlier version wrote it: no data identity in state.pt."""
+    saeengine.train(acts(seed=0), tiny(tmp, checkpoint_every_tokens=4 * BATCH, total_tokens=4 * BATCH))
+    latest = checkpoints.latest_checkpoint(tmp / "run")
+    state = torch.load(latest / checkpoints.STATE, weights_only=True)
+    del state["data"]
+    torch.save(state, latest / checkpoints.STATE)
+    return latest
+
+
+def _resume_unidentified_checkpoint(tmp: Path):
+    _strip_checkpoint_data(tmp)
+    return saeengine.train(acts(seed=1), tiny(tmp, checkpoint_every_tokens=4 * BATCH))
+
+
+def _check_resumed_to_the_end(sae, tmp: Path) -> None:
+    assert checkpoints.latest_checkpoint(tmp / "run").name == "step-000000008"
+    steps = [json.loads(line)["step"] for line in (tmp / "run" / "sae" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8)), steps  # steps 0..3 from the first run, 4..7 resumed
+
+
+UNVERIFIABLE = ("run/sae holds a saved sae that this run cannot check", "another name (trainconfig.name) or out_dir",
+                "resume=false to replace it")
+RESUME_CASES = [
+    case("resume-sae-config-unreadable", lambda tmp: _unverifiable_sae_folder(tmp, lambda p: p.write_text("{trunc")),
+         CheckpointError, *UNVERIFIABLE, "config.json is unreadable"),
+    case("resume-sae-config-deleted", lambda tmp: _unverifiable_sae_folder(tmp, lambda p: p.unlink()),
+         CheckpointError, *UNVERIFIABLE, "config.json is unreadable"),
+    case("resume-sae-without-data",
+         lambda tmp: _unverifiable_sae_folder(tmp, lambda p: _edit_provenance(p, lambda v: v.pop("data"))),
+         CheckpointError, *UNVERIFIABLE, "lacks provenance.data"),
+    case("resume-sae-without-train-config",
+         lambda tmp: _unverifiable_sae_folder(tmp, lambda p: _edit_provenance(p, lambda v: v.pop("train_config"))),
+         CheckpointError, *UNVERIFIABLE, "lacks provenance.train_config"),
+    case("resume-sae-steps-not-int",
+         lambda tmp: _unverifiable_sae_folder(tmp, lambda p: _edit_provenance(p, lambda v: v.update(steps="8"))),
+         CheckpointError, *UNVERIFIABLE, "provenance.steps"),
+    case("resume-hand-saved-sae", _hand_saved_sae, CheckpointError, *UNVERIFIABLE,
+         "lacks provenance.data, provenance.train_config, provenance.steps"),
+    case("resume-checkpoint-without-data-identity", _resume_unidentified_checkpoint, None, "step-000000004",
+         "records no data identity", "cannot be verified", "resume=False", warns=UserWarning,
+         check=_check_resumed_to_the_end),
+]
+
+CASES = CONFIG_CASES + DATA_CASES + NONFINITE_CASES + STALE_CASES + SWEEP_CASES + FOLDER_CASES + RESUME_CASES
 test_hostile = hostile_table(CASES)
 
 
@@ -452,3 +519,134 @@ def test_gpu_policy_adds_no_host_sync_per_step(tmp_path):
             saeengine.train(acts(), cfg)
         totals.append(syncs.total)
     assert totals[0] == totals[1], totals
+
+
+# ----- issue 14 review: BatchTopK's unset threshold, the watch's kernels, unverifiable folders, the hash
+def _never_firing_init(tmp: Path, cfg: TrainConfig) -> Path:
+    """A saved SAE whose latents cannot fire (b_enc far below any pre-activation), so a
+    BatchTopK threshold stays NaN ("not set yet") through the first steps of training."""
+    sae = saeengine.SAE(cfg.sae_config(D_IN))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)
+    return sae.save(tmp / "init")
+
+
+@pytest.mark.parametrize("architecture", [dict(architecture="batchtopk"),
+                                          dict(architecture="matryoshka", matryoshka_inner="batchtopk")],
+                         ids=["batchtopk", "matryoshka-batchtopk"])
+def test_batchtopk_checkpoints_before_its_threshold_is_set(tmp_path, architecture):
+    """A checkpoint at the very first steps, while the threshold is still NaN, is saved (as
+    save_sae would save it), not refused as a diverged run; and the run resumes from it."""
+    cfg = tiny(tmp_path, total_tokens=2 * BATCH, checkpoint_every_tokens=BATCH, **architecture)
+    cfg = TrainConfig(**{**cfg.to_dict(), "init_from": str(_never_firing_init(tmp_path, cfg))})
+    sae = saeengine.train(acts(), cfg)
+    assert torch.isnan(sae.threshold), "the threshold must still be unset for this test to mean anything"
+    latest = checkpoints.latest_checkpoint(tmp_path / "run")
+    assert latest.name == "step-000000002"
+    assert torch.isnan(saeengine.SAE.load(latest / "sae").threshold)
+    resumed = saeengine.train(acts(), TrainConfig(**{**cfg.to_dict(), "total_tokens": 3 * BATCH}))
+    assert torch.isfinite(resumed.W_dec).all()
+    assert checkpoints.latest_checkpoint(tmp_path / "run").name == "step-000000003"
+
+
+def test_an_inf_threshold_is_still_refused_before_saving(tmp_path):
+    """NaN is allowed in the threshold, inf is not: the error names the SAE and the tensor."""
+    cfg = tiny(tmp_path, architecture="batchtopk", total_tokens=2 * BATCH, checkpoint_every_tokens=BATCH)
+    real = finite.NonFiniteWatch.check_before_save
+
+    def poisoned(self, runs, step, source, cfg):
+        runs[0].sae.threshold.fill_(float("inf"))
+        return real(self, runs, step, source, cfg)
+
+    with mock.patch.object(finite.NonFiniteWatch, "check_before_save", poisoned), \
+            pytest.raises(NonFiniteError) as caught:
+        saeengine.train(acts(), cfg)
+    assert "'sae': 'threshold' (1 of 1 values)" in str(caught.value)
+    assert caught.value.step == 0 and not (tmp_path / "run" / "checkpoints" / "LATEST").exists()
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that compute (views excluded): on a GPU, one kernel each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _losses(fvu: float, auxk: float = 0.0, sparsity: float = 0.0, dtype=torch.float32) -> dict:
+    return {"fvu": torch.tensor(fvu, dtype=dtype), "auxk": torch.tensor(auxk, dtype=dtype),
+            "sparsity": torch.tensor(sparsity, dtype=dtype), "k": 2, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("n_saes", [1, 4])
+def test_the_watch_takes_a_few_kernels_per_step_whatever_the_sweep(n_saes):
+    watch = finite.NonFiniteWatch([f"s{i}" for i in range(n_saes)], torch.device("cpu"))
+    metrics = [_losses(0.5, 0.1, 0.2) for _ in range(n_saes)]
+    with _CountOps() as ops:
+        watch.update(0, metrics)
+    assert ops.count <= 6, ops.count  # stack, sum, mul, eq, clamp, where (it was 6 per SAE + 5)
+
+
+def test_the_watch_keeps_the_first_bad_step_of_each_sae():
+    """Per SAE, the first step whose loss (any term) was NaN or inf, kept through later bad
+    steps; finite fp16 terms whose fp16 sum would overflow are not bad."""
+    watch = finite.NonFiniteWatch(["a", "b", "c", "d"], torch.device("cpu"))
+    for step in range(5):
+        watch.update(step, [
+            _losses(0.5, auxk=float("inf") if step >= 1 else 0.0),  # bad from step 1 on
+            _losses(0.5, sparsity=float("nan") if step == 3 else 0.0),  # bad at step 3 only
+            _losses(6e4, 6e4, 6e4, dtype=torch.float16),  # finite, 1.8e5 in all
+            _losses(float("nan") if step in (2, 4) else 0.5),  # bad at steps 2 and 4
+        ])
+    assert watch.first_bad.tolist() == [1, 3, finite.NO_BAD_STEP, 2]
+
+
+def test_the_watch_adds_no_host_sync():
+    from saeengine.syncs import count_host_syncs
+
+    watch = finite.NonFiniteWatch(["a", "b"], torch.device("cpu"))
+    metrics = [_losses(0.5), _losses(float("nan"))]
+    with count_host_syncs() as syncs:
+        for step in range(3):
+            watch.update(step, metrics)
+    assert syncs.total == 0
+
+
+def test_an_unverifiable_saved_sae_is_left_as_it_was(tmp_path):
+    """The refusal comes before anything is written: the hand-saved SAE's files keep
+    their bytes, and no metrics or checkpoints appear."""
+    directory = tmp_path / "run" / "sae"
+    saeengine.SAE(tiny().sae_config(D_IN)).save(directory)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(CheckpointError):
+        saeengine.train(acts(), tiny(tmp_path))
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # resume=False replaces it, with the documented warning
+    with pytest.warns(UserWarning, match="resume=False"):
+        saeengine.train(acts(), tiny(tmp_path, resume=False))
+    assert json.loads((directory / "config.json").read_text())["provenance"]["steps"] == 8
+
+
+def test_a_tensor_is_hashed_once_before_the_first_step(tmp_path):
+    """The SHA-256 of a tensor (a full host copy) is taken at the start, not at the first
+    checkpoint in the middle of the run."""
+    events = []
+    real_hash, real_step = data_module.tensor_sha256, saeengine.trainer.step.TrainStep.__call__
+
+    def hashing(t):
+        events.append("hash")
+        return real_hash(t)
+
+    def stepping(self, x):
+        events.append("step")
+        return real_step(self, x)
+
+    with mock.patch.object(data_module, "tensor_sha256", hashing), \
+            mock.patch.object(saeengine.trainer.step.TrainStep, "__call__", stepping):
+        saeengine.train(acts(), tiny(tmp_path, checkpoint_every_tokens=2 * BATCH))
+    assert events[0] == "hash" and events.count("hash") == 1, events

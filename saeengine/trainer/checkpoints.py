@@ -20,7 +20,8 @@ Resuming compares only what changes the math (saeengine.trainer.config):
   ...) raises CheckpointError naming the field and both values, and other data (a store's
   content hash, a tensor's SHA-256) raises DataMismatchError naming both.
 A checkpoint of an earlier version (no settings in state.pt) is compared against the
-TrainConfig saved beside its SAEs; fields since removed are ignored, with a note.
+TrainConfig saved beside its SAEs; fields since removed are ignored, with a note. One
+that records no data identity resumes with a UserWarning: its data cannot be verified.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -197,7 +199,11 @@ def data_mismatch(path: Path, saved: dict, mine: dict, what: str = "the checkpoi
 
 
 def _check_data(path: Path, saved: dict | None, source) -> None:
-    if saved is None:  # an earlier version: the store loader still checks its content hash
+    if saved is None:  # an earlier version: nothing tells which data it was trained on
+        warnings.warn(f"resuming from {path}, which records no data identity (written by an earlier saeengine), so "
+                      f"its data cannot be verified: this run reads {_describe(source.identity())} and continues "
+                      "as if the checkpoint was trained on it. If it was not, pass resume=False (or use another "
+                      "out_dir) to start over", UserWarning, stacklevel=6)  # the caller of train()
         return
     mine = source.identity()
     if mine != saved:

@@ -142,7 +142,10 @@ class TensorBatches(_Batches):
                                  "data[torch.isfinite(data).all(dim=1)]")
         self.data, self.batch_size, self.seed, self.device = data, batch_size, seed, torch.device(device)
         self.epoch, self.batch_in_epoch = 0, 0
-        self._identity: dict | None = None
+        # Hashed now, before any step: hashing copies the whole tensor to the host, which
+        # would otherwise stall the run at its first checkpoint.
+        self._identity = {"kind": "tensor", "shape": list(data.shape), "dtype": str(data.dtype).removeprefix("torch."),
+                          "sha256": tensor_sha256(data)}
 
     @property
     def n_tokens(self) -> int:
@@ -154,11 +157,7 @@ class TensorBatches(_Batches):
 
     def identity(self) -> dict:
         """What the data is, for resuming: shape, dtype and the SHA-256 of the tensor
-        (computed once)."""
-        if self._identity is None:
-            self._identity = {"kind": "tensor", "shape": list(self.data.shape),
-                              "dtype": str(self.data.dtype).removeprefix("torch."),
-                              "sha256": tensor_sha256(self.data)}
+        (computed once, when the source is made)."""
         return self._identity
 
     def rows(self, rows: np.ndarray) -> torch.Tensor:

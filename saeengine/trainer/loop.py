@@ -181,10 +181,15 @@ def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
     and any other change raises CheckpointError naming the field and both values
     (saeengine.trainer.checkpoints). Other data than the run folder's (a store's
     content hash, a tensor's SHA-256, in a checkpoint or a saved SAE) raises
-    DataMismatchError naming both, so a rerun on new data never returns the old SAE. With
-    ``resume=False`` the run starts over, and an earlier run in out_dir is replaced with
-    a UserWarning: its checkpoints and the saved SAEs of this run's names are removed at
-    the start (saeengine.trainer.rundir).
+    DataMismatchError naming both, so a rerun on new data never returns the old SAE. A
+    saved SAE in an SAE's folder (with no checkpoint to resume) that cannot be checked,
+    its config.json unreadable or without provenance.data, train_config or steps, raises
+    CheckpointError naming the folder: resuming never replaces what it cannot verify. A
+    checkpoint of an earlier version that records no data identity resumes with a
+    UserWarning that its data cannot be verified. With ``resume=False`` the run starts
+    over, and an earlier run in out_dir is replaced with a UserWarning: its checkpoints
+    and the saved SAEs of this run's names are removed at the start
+    (saeengine.trainer.rundir).
 
     Safety: the run holds an exclusive lock on out_dir (out_dir/.lock) for its whole
     duration; a second train() on the same out_dir raises LockedError at once, naming

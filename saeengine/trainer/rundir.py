@@ -9,6 +9,9 @@ a store's content hash, or a tensor's shape, dtype and SHA-256) and its TrainCon
   data); with no checkpoint, a finished SAE in an SAE's folder must have been trained on
   this data (DataMismatchError) with settings this run continues (CheckpointError), so
   that a rerun on other data never returns, or silently replaces, an SAE of other data.
+  A saved SAE that cannot be checked (its config.json unreadable, or without
+  ``provenance.data``, ``train_config`` or ``steps``: saved by hand, or by an earlier
+  version) raises CheckpointError too: replacing it is resume=False's job, with its warning.
 - ``resume=False``: start over. An earlier run in the folder is replaced, with a
   UserWarning naming it: its checkpoints and this run's saved SAEs are removed at once
   (so that a run killed later cannot leave the old SAE looking like its result).
@@ -27,15 +30,33 @@ from .checkpoints import CHECKPOINTS, check_resumable, data_mismatch, latest_che
 from .config import TrainConfig
 
 
+PROVENANCE_FIELDS = {"data": dict, "train_config": dict, "steps": int}  # what _check_finished compares
+
+
+def _unverifiable(directory: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{directory} holds a saved SAE that this run cannot check ({why}), so resuming would "
+                           "replace it without knowing what data and settings it was trained with. Give this run "
+                           "another name (TrainConfig.name) or out_dir to keep it, or pass resume=False to replace it")
+
+
 def _saved_provenance(directory: Path) -> dict | None:
-    """The provenance of the SAE saved in ``directory``, or None when none is (an
-    unreadable config.json counts as none: the SAE loader reports the damage)."""
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+    """The provenance of the SAE saved in ``directory`` (its fields checked), or None when
+    no SAE is saved there; CheckpointError for one whose config.json cannot say."""
+    path = directory / CONFIG_FILE
+    if not path.exists() and not (directory / WEIGHTS_FILE).exists():
         return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _unverifiable(directory, f"{path} is unreadable: {err}") from err
     provenance = config.get("provenance") if isinstance(config, dict) else None
-    return provenance if isinstance(provenance, dict) else None
+    if not isinstance(provenance, dict):
+        raise _unverifiable(directory, f"{path} has no 'provenance' object")
+    wrong = [f"provenance.{field}" for field, kind in PROVENANCE_FIELDS.items()
+             if not isinstance(provenance.get(field), kind) or isinstance(provenance.get(field), bool)]
+    if wrong:
+        raise _unverifiable(directory, f"{path} lacks {', '.join(wrong)}, or holds a wrong type there")
+    return provenance
 
 
 def _check_finished(runs, source) -> None:
@@ -45,16 +66,13 @@ def _check_finished(runs, source) -> None:
         provenance = _saved_provenance(run.directory)
         if provenance is None:
             continue
-        saved_data = provenance.get("data")
-        if saved_data is not None and saved_data != source.identity():
-            raise data_mismatch(run.directory, saved_data, source.identity(), "the SAE saved there")
-        saved_cfg, steps = provenance.get("train_config"), provenance.get("steps")
-        if isinstance(saved_cfg, dict) and isinstance(steps, int):
-            try:
-                known, _ = TrainConfig.known_fields(saved_cfg)
-            except ValueError as err:
-                raise CheckpointError(f"{run.directory / CONFIG_FILE}: {err}") from err
-            check_resumable(run.directory, known, run.cfg, steps)
+        if provenance["data"] != source.identity():
+            raise data_mismatch(run.directory, provenance["data"], source.identity(), "the SAE saved there")
+        try:
+            known, _ = TrainConfig.known_fields(provenance["train_config"])
+        except ValueError as err:
+            raise CheckpointError(f"{run.directory / CONFIG_FILE}: {err}") from err
+        check_resumable(run.directory, known, run.cfg, provenance["steps"])
 
 
 def _start_over(out_dir: Path, runs) -> None:
