@@ -60,16 +60,8 @@ def train_small(x: torch.Tensor, cfg: SAEConfig, seed: int, steps: int = 600, ba
     return sae.eval()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: threads only add contention (a loaded 2-core machine ran this 18x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_first_prefix_recovers_the_coarse_atoms_where_topk_mixes_them(one_thread):
+# Tiny matrices: threads only add contention (a loaded 2-core machine ran this 18x slower).
+def test_first_prefix_recovers_the_coarse_atoms_where_topk_mixes_them(one_torch_thread):
     """32 latents for 8 coarse + 32 fine atoms, k=2. The Matryoshka SAE's first 16 latents
     must reconstruct alone, so they hold the coarse atoms; the plain TopK SAE, with the same
     width, init, data and budget, ends with rows that mix parents and children.
