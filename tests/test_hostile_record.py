@@ -400,3 +400,20 @@ def test_cli_usage_errors_are_one_line(tmp_path, capsys, extra, code, phrase):
     got, _, err = cli(["record", str(tmp_path / "imgs"), "--layers", "blocks.1", "--out-dir", str(tmp_path / "o"),
                        *extra], capsys)
     assert got == code and phrase in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_out_of_memory_while_decoding_is_not_an_unreadable_image(tmp_path, monkeypatch):
+    """--skip-unreadable must not turn a MemoryError into a warning about the file."""
+    from PIL import Image
+
+    from saeengine.backbones import images as images_module
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+
+    def no_memory(image):
+        raise MemoryError
+
+    monkeypatch.setattr(images_module, "to_rgb", no_memory)
+    with pytest.raises(MemoryError):
+        images_module.decode_file(path)

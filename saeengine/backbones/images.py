@@ -179,6 +179,8 @@ def decode_file(path: Path):
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not later in a resize
             return to_rgb(image)  # leaving the block closes only the file, not the decoded pixels
+    except MemoryError:  # the machine, not the file: never a skippable "unreadable image"
+        raise
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types for damaged files
         raise InputError(f"{path}: cannot read the image ({type(exc).__name__}: {exc}); replace or remove the "
                          "file, or skip unreadable images (skip_unreadable=True, CLI --skip-unreadable)") from exc
