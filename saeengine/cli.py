@@ -1,7 +1,8 @@
-"""Command line: ``saeengine demo`` (the embedded default job), ``demo-synthetic``, ``train``
-and ``record`` (saeengine.cli_record). This module builds the parser and dispatches; the
-commands are in saeengine.cli_commands, their options in cli_options, sweeps in
-cli_sweeps, and how failures print in cli_failures.
+"""Command line: ``saeengine demo`` (the embedded default job), ``demo-synthetic``, ``train``,
+``record`` (saeengine.cli_record), ``encode`` (saeengine.cli_encode) and ``eval``
+(saeengine.cli_eval). This module builds the parser and dispatches; the commands are in
+saeengine.cli_commands, their options in cli_options, sweeps in cli_sweeps, and how
+failures print in cli_failures.
 
 Options come from the fields of the config dataclasses; each field's docstring is its help.
 
@@ -22,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 from .cli_commands import (final_metrics, interrupted_demo, interrupted_record, interrupted_train, run_demo,
                            run_demo_synthetic, run_train, train_configs)
+from .cli_encode import add_encode_parser, interrupted_encode, run_encode
+from .cli_eval import add_eval_parser, interrupted_eval, run_eval
 from .cli_failures import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, one_line, one_line_warnings, report
 from .cli_options import FALSE_WORDS, TRUE_WORDS, add_dataclass_options, parse_value, train_choices
 from .cli_sweeps import RUN_NAME_FIELDS, parse_sweeps, sweep_configs, unsweepable
@@ -132,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("record", help=f"unavailable: {why}".replace("%", "%%"),
                        description=f"saeengine record cannot be loaded: {why}")
         commands["record"] = _Command(_unavailable(record), interrupted_record, any_arguments=True)
+
+    add_encode_parser(sub)
+    commands["encode"] = _Command(run_encode, interrupted_encode)
+
+    add_eval_parser(sub)
+    commands["eval"] = _Command(run_eval, interrupted_eval)
 
     for name, command_parser in sub.choices.items():
         _add_debug(command_parser, argparse.SUPPRESS)  # --debug after the command as well

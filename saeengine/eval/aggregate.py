@@ -48,8 +48,9 @@ def per_image(values: torch.Tensor, indices: torch.Tensor, image: torch.Tensor, 
     if vals.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=values.device)
         return ImageAggregates(empty, empty, empty.double(), empty.float(), empty)
-    keys = torch.stack([imgs, lats], 1)
-    pairs, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    # One int64 key per (image, latent): a 1-D unique is far faster than unique(dim=0).
+    span = int(lats.max()) + 1
+    pairs, inverse = torch.unique(imgs * span + lats, sorted=True, return_inverse=True)
     m = pairs.shape[0]
     sums = torch.zeros(m, dtype=torch.float64, device=values.device).index_add_(0, inverse, vals.double())
     maxima = torch.full((m,), float("-inf"), device=values.device).scatter_reduce_(
@@ -58,4 +59,4 @@ def per_image(values: torch.Tensor, indices: torch.Tensor, image: torch.Tensor, 
     big = torch.iinfo(torch.int64).max
     argmax = torch.full((m,), big, dtype=torch.int64, device=values.device).scatter_reduce_(
         0, inverse[at_max], poss[at_max], reduce="amin")
-    return ImageAggregates(pairs[:, 0].contiguous(), pairs[:, 1].contiguous(), sums, maxima, argmax)
+    return ImageAggregates(torch.div(pairs, span, rounding_mode="floor"), pairs % span, sums, maxima, argmax)

@@ -63,6 +63,7 @@ class Exemplars:
                               f"({'unknown: ' + ', '.join(map(repr, unknown)) if unknown else 'none given'})")
         self.d_sae, self.top_k, self.rules = d_sae, top_k, rules
         self._tables = {rule: _empty_table(d_sae, top_k, torch.device("cpu")) for rule in rules}
+        self._newest_image: dict[str, int] = {}  # largest image id merged per rule (a cache of the tables)
 
     # ----- accumulator protocol ---------------------------------------------------------
     @torch.no_grad()
@@ -109,6 +110,7 @@ class Exemplars:
         for rule in self.rules:
             device = self._tables[rule]["scores"].device
             self._tables[rule] = {f: state[f"{rule}.{f}"].to(device).clone() for f in FIELDS}
+        self._newest_image = {}
 
     def result(self) -> dict:
         """``{rule: {"scores": [F, K] f32, "images": [F, K] int64, "positions": [F, K] int64}}`` (CPU)."""
@@ -134,9 +136,23 @@ class Exemplars:
         if latents.numel() == 0:
             return
         table, k = self._tables[rule], self.top_k
+        # A candidate below its latent's current k-th score can never enter the row: drop
+        # it before sorting (once the tables fill, few candidates of a batch survive).
+        hopeful = scores >= table["scores"][latents, k - 1]
+        latents, scores, images, positions = latents[hopeful], scores[hopeful], images[hopeful], positions[hopeful]
+        if latents.numel() == 0:
+            return
         touched, buffer = batch_candidates(latents, scores, images, positions, k)
         rows = [torch.cat([table[f][touched], buffer[f]], dim=1) for f in FIELDS]
-        best = top_rows(*rows, k)
+        # Images arrive in increasing order, so a batch's images are new to the table and
+        # one top-k over an exact (score, image) key ranks each row; an image id seen
+        # before (the same store fed twice) takes the slower path that drops repeats.
+        lo, hi = (int(v) for v in torch.aminmax(images))
+        seen = self._newest_image.get(rule)
+        if seen is None:
+            seen = self._newest_image[rule] = int(table["images"].max())
+        best = top_rows_new_images(*rows, k) if seen < lo and hi <= _UINT32 else top_rows(*rows, k)
+        self._newest_image[rule] = max(seen, hi)
         for f, t in zip(FIELDS, best):
             table[f][touched] = t
 
@@ -158,12 +174,11 @@ def batch_candidates(latents: torch.Tensor, scores: torch.Tensor, images: torch.
     """M candidates ([M] each, in increasing image order as per_image returns them) ->
     (touched latents [U] ascending, {"scores", "images", "positions"}: [U, k] buffers of
     each latent's best k by (score desc, image asc), padded)."""
-    # Lexicographic (latent, -score, image): the input is image-ordered, so two stable sorts.
-    cols = [latents, scores, images, positions]
-    for key, desc in ((1, True), (0, False)):
-        order = torch.sort(cols[key], descending=desc, stable=True).indices
-        cols = _take(order, *cols)
-    latents, scores, images, positions = cols
+    # Lexicographic (latent, -score, image): the input is image-ordered, so one stable sort
+    # by the exact key (latent, -score) suffices.
+    key = (latents << 32) | (_UINT32 - _score_bits(scores))
+    order = torch.sort(key, stable=True).indices
+    latents, scores, images, positions = _take(order, latents, scores, images, positions)
     touched, counts = torch.unique_consecutive(latents, return_counts=True)
     group = torch.repeat_interleave(torch.arange(touched.numel(), device=latents.device), counts)
     starts = torch.cumsum(counts, 0) - counts
@@ -174,6 +189,26 @@ def batch_candidates(latents: torch.Tensor, scores: torch.Tensor, images: torch.
     for f, t in zip(FIELDS, (scores, images, positions)):
         buffer[f][group, rank] = t[keep]
     return touched, buffer
+
+
+_UINT32 = 0xFFFFFFFF
+
+
+def _score_bits(scores: torch.Tensor) -> torch.Tensor:
+    """float32 scores > 0 (or -inf pads, mapped to 0) -> int64 keys in [0, 2^32) with the
+    scores' order: a non-negative float's bit pattern orders like its value."""
+    bits = scores.contiguous().view(torch.int32).to(torch.int64) & _UINT32
+    return torch.where(scores > 0, bits, torch.zeros_like(bits))
+
+
+def top_rows_new_images(scores: torch.Tensor, images: torch.Tensor, positions: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_rows` for rows whose real images are all distinct: one top-k over the
+    exact int64 key (score bits, then the image id reversed) instead of three sorts."""
+    key = (_score_bits(scores) << 32) | (_UINT32 - images.clamp(0, _UINT32))
+    key = torch.where(images == PAD_ID, torch.full_like(key, -1), key)
+    order = torch.topk(key, k, dim=1, sorted=True).indices
+    return tuple(_take(order, scores, images, positions, dim=1))
 
 
 def top_rows(scores: torch.Tensor, images: torch.Tensor, positions: torch.Tensor,

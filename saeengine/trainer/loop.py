@@ -144,8 +144,12 @@ def _train_locked(source, configs: list[TrainConfig], device: torch.device, out_
             save_checkpoint(out_dir, steps, runs, source)
         for run in runs:
             run.sae.eval()
-            run.sae.save(run.directory, provenance={"train_config": run.cfg.to_dict(), "steps": steps,
-                                                    "data": source.identity()})
+            provenance = {"train_config": run.cfg.to_dict(), "steps": steps, "data": source.identity()}
+            store = getattr(source, "store", None)
+            if store is not None:  # what saeengine.eval.encode checks another store's layer against
+                provenance["store"] = {"dir": str(store.directory), "backbone": store.meta.backbone,
+                                       "layer": store.meta.layer, "token_kind": store.meta.token_kind}
+            run.sae.save(run.directory, provenance=provenance)
     finally:
         bar.close()
         batches.close()  # stops the store loader's thread now, not when collected
