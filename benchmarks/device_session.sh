@@ -30,9 +30,10 @@ build      110  pip install -e . with the CUDA build (sm_90); the wheels in .whl
 gputests   140  every @validates GPU test, the kernels auto uses first; writes gpu_validation.json
 synctest    40  the host-sync tests and the GPU training test, on what auto takes after gputests
 bench      100  run_benchmarks.py: the table against sparsify and the torch reference; bench.json
-cudaops    100  bench_cuda_ops.py: full step, select, decode, optimizer, resample, widest; cuda_ops.json
+cudaops     75  bench_cuda_ops.py: full step, select, decode, optimizer, resample, widest; cuda_ops.json
 trainer     25  bench_trainer.py: trainer tokens/s against the bare step; trainer.json
 tune        25  tune_topk_encode.py: the chunked encoder's variants; tune.json
+encode      25  bench_encode.py: the eval encode pass's tokens/s on the GPU; encode.json
 "
 MAX_TOTAL=540
 
@@ -108,6 +109,13 @@ run_stage() {
       fi
       exec "$PYTHON" benchmarks/tune_topk_encode.py --out "$OUT/tune.json" \
         --shapes "${TUNE_SHAPES:-4096x262144}" --sections "${TUNE_SECTIONS:-gemm}"
+      ;;
+    encode)
+      if [ "$DRY_RUN" = 1 ]; then
+        exec "$PYTHON" benchmarks/bench_encode.py --tokens 2000 --d-in 16 --d-sae 64 --k 4 --memory-tokens 0 \
+          --device cpu --out "$OUT/encode.json"
+      fi
+      exec "$PYTHON" benchmarks/bench_encode.py --device cuda --tokens 2000000 --memory-tokens 0 --out "$OUT/encode.json"
       ;;
     *) echo "unknown stage $1"; exit 2 ;;
   esac

