@@ -53,7 +53,7 @@ def add_eval_parser(subparsers) -> None:
         epilog=_FIELDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoded", required=True, type=Path, help="an encode output folder (holds summary.json)")
     p.add_argument("--out", type=Path, default=None, help="where eval.json and report.html go (default: "
-                                                          "ENCODED/eval)")
+                                                          "ENCODED-eval, beside the encode folder)")
     p.add_argument("--experiments", type=_experiment_names, default=[],
                    help=f"comma-separated experiments to run: {', '.join(_EXPERIMENTS)} (default: none)")
     p.add_argument("--size", choices=("small", "full"), default="small",
@@ -74,13 +74,13 @@ def add_eval_parser(subparsers) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``saeengine eval``; prints the metrics line and the files written, returns 0."""
-    from .eval.run_eval import evaluate
+    from .eval.run_eval import default_out_dir, evaluate
 
     for flag, value, low in (("--latents", args.latents, 0), ("--per-latent", args.per_latent, 1),
                              ("--downstream-images", args.downstream_images, 0)):
         if value < low:
             args._eval_parser.error(f"{flag} must be >= {low}, got {value}")
-    out = args.out if args.out is not None else args.encoded / "eval"
+    out = args.out if args.out is not None else default_out_dir(args.encoded)
     result = evaluate(args.encoded, out, experiments=args.experiments, size=args.size, backbone=args.backbone,
                       images=args.images, n_latents=args.latents, per_latent=args.per_latent,
                       progress=not args.no_progress, downstream_images=args.downstream_images or None)

@@ -106,3 +106,13 @@ def test_bad_input():
         downstream_metrics(backbone, "blocks.0", sae, PIXELS[:0])
     with pytest.raises(InputError, match=r"not logits \[B, C\]"):
         downstream_metrics(backbone, "blocks.0", sae, PIXELS, head=lambda px: backbone.forward(px)[:, 0])
+
+
+def test_a_head_that_skips_the_layer_is_refused_not_scored_zero():
+    backbone = toy()
+    sae = SAE(SAEConfig(d_in=D, d_sae=16, k=2), seed=0)
+    logits = torch.randn(7, 5)
+    skip = lambda px: logits[: px.shape[0]]  # noqa: E731 - never runs the backbone
+    for mean in (None, torch.zeros(D)):
+        with pytest.raises(InputError, match="the head never ran blocks.0"):
+            downstream_metrics(backbone, "blocks.0", sae, PIXELS, head=skip, mean_activation=mean)

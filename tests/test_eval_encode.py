@@ -319,3 +319,23 @@ def test_one_image_larger_than_the_budget_is_one_batch(tmp_path, monkeypatch):
     spy = with_spy(monkeypatch, Spy())
     encode_store(make_sae(), store, tmp_path / "out", batch_tokens=4, top_k=2, progress=False)
     assert [sorted(set(image.tolist())) for _, image, _, _ in spy.batches] == [[0], [1], [2], [3], [4]]
+
+
+def test_resuming_with_another_thread_count_warns_naming_both(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "store", 12)
+    sae = make_sae()
+    encode_store(sae, store, tmp_path / "clean", batch_tokens=12, top_k=4, progress=False)
+    monkeypatch.setattr(encode_module, "COMMIT_EVERY_S", 0.0)
+    with monkeypatch.context() as patched:
+        with_spy(patched, Spy(fail_after=2))
+        with pytest.raises(RuntimeError, match="planned failure"):
+            encode_store(sae, store, tmp_path / "out", batch_tokens=12, top_k=4, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(UserWarning, match=rf"torch_threads {threads} -> {threads + 1}.*last bits may differ"):
+            encode_store(sae, store, tmp_path / "out", batch_tokens=12, top_k=4, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # the same store and SAE: the result is still the uninterrupted one here (CPU sums agree)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")

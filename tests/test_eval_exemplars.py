@@ -231,12 +231,24 @@ def test_update_never_builds_a_tokens_by_latents_tensor():
 def test_bad_latent_id_names_id_and_d_sae():
     images = make_images(3, seed=1)
     batch = to_batch(images)
+    batch.values[0, 0] = 1.0  # a firing slot
     batch.indices[0, 0] = F + 4
     with pytest.raises(InputError, match=rf"latent id {F + 4}.*d_sae={F}"):
         Exemplars(F).update(batch)
     batch.indices[0, 0] = -2
     with pytest.raises(InputError, match="latent id -2"):
         Exemplars(F).update(batch)
+
+
+
+def test_padding_slots_may_hold_any_id():
+    images = make_images(3, seed=1)
+    batch = to_batch(images)
+    batch.values[0, -1] = 0.0
+    batch.indices[0, -1] = F + 99  # value 0: a padding slot, not a latent
+    reference = to_batch(images)
+    reference.values[0, -1] = 0.0
+    assert_same(run([batch], 4), run([reference], 4))
 
 
 @pytest.mark.parametrize("kwargs, needle", [

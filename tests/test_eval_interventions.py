@@ -267,6 +267,17 @@ def test_auto_select_finds_the_planted_latents_and_matches_brute_force():
     assert unmasked[2]["latent"] == 11 and unmasked[2]["threshold"] == 1.0
 
 
+def test_auto_selection_leaves_out_a_class_with_only_masked_latents():
+    labels = np.array([0] * 10 + [1] * 10)
+    dense = np.ones((20, 3))  # every latent fires on every patch: all masked by max_freq
+    picked = auto_select_latents(torch.tensor(dense), labels, np.ones(20), max_freq=0.5)
+    assert picked == {}
+    dense[:10, 2] = 0.0  # latent 2 now fires on class 1 only (frequency 0.5 < 0.6)
+    assert list(auto_select_latents(torch.tensor(dense), labels, np.ones(20), max_freq=0.6)) == [1]
+    with pytest.raises(InputError, match="patch_labels holds -1"):
+        auto_select_latents(torch.tensor(dense), labels - 1, np.ones(20), max_freq=0.6)
+
+
 def test_change_rates_against_loops():
     rng = np.random.default_rng(2)
     counts = []

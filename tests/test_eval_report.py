@@ -337,12 +337,18 @@ def test_cli_end_to_end(folders, tmp_path):
     assert (tmp_path / "ev" / "report.html").is_file() and "eval.json" in out
 
 
-def test_cli_default_out_is_inside_the_encoded_folder(folders, tmp_path):
+def test_cli_default_out_is_beside_the_encoded_folder_which_encode_still_reuses(folders, tmp_path):
     enc = tmp_path / "enc"
     shutil.copytree(folders["enc"], enc)
     code, _, err = run_cli("eval", "--encoded", enc, "--latents", 1, "--no-progress")
     assert code == 0, err
-    assert (enc / "eval" / "eval.json").is_file() and (enc / "eval" / "report.html").is_file()
+    out = tmp_path / "enc-eval"
+    assert (out / "eval.json").is_file() and (out / "report.html").is_file()
+    assert sorted(p.name for p in enc.iterdir()) == sorted(p.name for p in folders["enc"].iterdir())
+    summary = json.loads((enc / "summary.json").read_text())
+    again = encode_store(summary["sae"]["dir"], summary["store"]["dir"], enc, progress=False,
+                         batch_tokens=32)  # reused: no error, no work
+    assert again.n_tokens == summary["counts"]["tokens"]
 
 
 def test_cli_help_names_every_top_level_field(capsys):

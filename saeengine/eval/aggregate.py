@@ -52,7 +52,9 @@ def per_image(values: torch.Tensor, indices: torch.Tensor, image: torch.Tensor, 
     span = int(lats.max()) + 1
     pairs, inverse = torch.unique(imgs * span + lats, sorted=True, return_inverse=True)
     m = pairs.shape[0]
-    sums = torch.zeros(m, dtype=torch.float64, device=values.device).index_add_(0, inverse, vals.double())
+    # index_put_ with accumulate is deterministic on CUDA (index_add_ uses atomics there)
+    sums = torch.zeros(m, dtype=torch.float64, device=values.device).index_put_((inverse,), vals.double(),
+                                                                                 accumulate=True)
     maxima = torch.full((m,), float("-inf"), device=values.device).scatter_reduce_(
         0, inverse, vals.float(), reduce="amax")
     at_max = vals.float() == maxima[inverse]

@@ -73,7 +73,7 @@ def top_latents_for_patches(sae, tokens: torch.Tensor, patches, n: int = 10) -> 
     values, indices = code_pairs(sae.encode(tokens.to(device)[mask.to(device)]))
     fire = values > 0
     summed = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
-    summed.index_add_(0, indices[fire], values[fire].double())
+    summed.index_put_((indices[fire],), values[fire].double(), accumulate=True)  # deterministic on CUDA
     summed = summed.cpu()
     order = torch.sort(summed, descending=True, stable=True).indices  # stable: ties by latent id
     top = order[:min(n, int((summed > 0).sum()))]

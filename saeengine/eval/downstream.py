@@ -62,6 +62,8 @@ def _layer_mean(backbone: Backbone, layer: str, head, pixels: torch.Tensor, batc
             head(pixels[start:start + batch_size].to(backbone.device))
     finally:
         handle.remove()
+    if "sum" not in acc:
+        raise InputError(f"the head never ran {layer}; pass a head that runs the backbone on the pixels")
     return (acc["sum"] / acc["n"]).float()
 
 
@@ -101,7 +103,14 @@ def downstream_metrics(backbone: Backbone, layer: str, sae, pixels: torch.Tensor
     with torch.no_grad():
         for start in range(0, pixels.shape[0], batch_size):
             chunk = pixels[start:start + batch_size].to(backbone.device)
-            runs["clean"].append(_check_head_output(head(chunk)).cpu())
+            seen = []
+            handle = backbone.layer_module(layer).register_forward_hook(lambda *args: seen.append(True))
+            try:
+                runs["clean"].append(_check_head_output(head(chunk)).cpu())
+            finally:
+                handle.remove()
+            if not seen:  # splicing and ablating would change nothing: every KL would read 0
+                raise InputError(f"the head never ran {layer}; pass a head that runs the backbone on the pixels")
             with splice(backbone, layer, sae, error_term=False):
                 runs["sae"].append(_check_head_output(head(chunk)).cpu())
             with _replaced(backbone, layer, None):

@@ -330,6 +330,16 @@ def make_accumulators(d_sae: int, top_k: int) -> dict:
 
 
 # ----- the pass ------------------------------------------------------------------------------------
+def _warn_if_computed_elsewhere(out_dir: Path, then: dict | None, now: dict) -> None:
+    """Resuming on another device, backend or thread count works, but float sums may then
+    round differently from an uninterrupted pass: say so, naming both."""
+    if then is not None and then != now:
+        changed = ", ".join(f"{k} {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v)
+        warnings.warn(f"{out_dir}: resuming with {changed}; the result is correct, but its last bits may differ "
+                      "from a pass run on one setting (rerun with resume=False for a bit-exact one)",
+                      UserWarning, stacklevel=4)
+
+
 class _Pass:
     def __init__(self, sae, store, out_dir: Path, ident: dict, settings: dict, device: torch.device, backend: str,
                  resume: _Resume | None):
@@ -342,10 +352,15 @@ class _Pass:
             self.done = {"rows": 0, "batches": 0, "entries": 0, "images": 0, "last_image": -1}
         else:
             self.done = {k: int(resume.progress[k]) for k in ("rows", "batches", "entries", "images", "last_image")}
+            _warn_if_computed_elsewhere(out_dir, resume.progress.get("computed_on"), self._computed_on())
             self.files.reopen(self.done["entries"])
             for name, acc in self.accumulators.items():
                 acc.load_state_dict({k.split("/", 1)[1]: t for k, t in resume.state.items()
                                      if k.split("/", 1)[0] == name})
+
+    def _computed_on(self) -> dict:
+        """What the bits of a pass depend on beyond its inputs (kept with each commit)."""
+        return {"device": self.device.type, "backend": self.backend, "torch_threads": torch.get_num_threads()}
 
     def run(self, progress: bool) -> None:
         n = self.store.n_tokens
@@ -395,7 +410,8 @@ class _Pass:
         self.files.sync()
         state = {f"{name}/{key}": t.contiguous() for name, acc in self.accumulators.items()
                  for key, t in acc.state_dict().items()}
-        progress = {"format": PROGRESS_FORMAT, "identity": self.ident, "settings": self.settings, **self.done}
+        progress = {"format": PROGRESS_FORMAT, "identity": self.ident, "settings": self.settings,
+                    "computed_on": self._computed_on(), **self.done}
         atomic_write(self.out_dir / RESUME,
                      lambda tmp: save_file(state, str(tmp), metadata={"progress": json.dumps(progress)}))
 

@@ -75,7 +75,7 @@ class Exemplars:
                              "both be [N, w]; build them with saeengine.eval.batch.code_pairs")
         if values.shape[0] == 0:
             return
-        self._check_latents(indices)
+        self._check_latents(values, indices)
         device = values.device
         for rule in self.rules:
             self._tables[rule] = {f: t.to(device) for f, t in self._tables[rule].items()}
@@ -123,8 +123,11 @@ class Exemplars:
         return self.result()[rule]
 
     # ----- internals --------------------------------------------------------------------
-    def _check_latents(self, indices: torch.Tensor) -> None:
-        lo, hi = (int(v) for v in torch.aminmax(indices))  # one host sync per batch
+    def _check_latents(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        firing = indices[values > 0]  # padding slots (value 0) may hold any id
+        if firing.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(firing))  # one host sync per batch
         if hi >= self.d_sae or lo < 0:
             bad = hi if hi >= self.d_sae else lo
             raise InputError(f"batch has latent id {bad}, outside [0, d_sae={self.d_sae}); the codes come from "

@@ -462,7 +462,8 @@ def auto_select_latents(codes, patch_labels, purity, *, d_sae: int | None = None
         d_sae: number of latents (default: F of a dense code, else the largest index + 1).
         classes: the classes to select for (default: every label with a pure patch).
     Returns {c: {"latent": int, "f1": float, "threshold": float, "n_patches": int}} for
-    every class with at least one pure patch (f1 may be 0 when nothing fires on it).
+    every class with at least one pure patch and a latent of F1 > 0 outside the
+    max_freq mask (a class where every latent is masked, or none fires, is left out).
     """
     rows, latents, values, n = _positive_entries(codes)
     labels = torch.as_tensor(np.asarray(patch_labels)).long().reshape(-1)
@@ -477,6 +478,9 @@ def auto_select_latents(codes, patch_labels, purity, *, d_sae: int | None = None
         d_sae = dense_f if dense_f is not None else int(latents.max()) + 1 if latents.numel() else 1
     if latents.numel() and int(latents.max()) >= d_sae:
         raise InputError(f"codes name latent {int(latents.max())} but d_sae={d_sae}; pass the SAE's d_sae")
+    if labels.numel() and int(labels.min()) < 0:
+        raise InputError(f"patch_labels holds {int(labels.min())}; labels must be class ids >= 0 (drop ignored "
+                         "patches with the purity mask instead)")
     n_cls = int(labels.max()) + 1 if labels.numel() else 1
     frequency = torch.bincount(latents, minlength=d_sae).double() / max(n, 1)
     masked = frequency >= max_freq
@@ -502,6 +506,8 @@ def auto_select_latents(codes, patch_labels, purity, *, d_sae: int | None = None
             continue
         scores = torch.where(masked, torch.full_like(best_f1[:, c], -1.0), best_f1[:, c])
         j = int(torch.argmax(scores))  # first maximum: the smallest id on ties
+        if scores[j] <= 0:  # every latent masked by max_freq, or none fires on the class: nothing to pick
+            continue
         out[c] = {"latent": j, "f1": float(max(scores[j], 0.0)), "threshold": float(best_t[j, c]),
                   "n_patches": int(n_c[c])}
     return out

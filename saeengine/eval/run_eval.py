@@ -179,9 +179,19 @@ def _downstream(encoded, store, backbone, source, limit: int | None, batch_size:
         raise InputError("the encoded folder does not say where its SAE is (summary.json sae.dir is empty): "
                          "encode again with the SAE's folder (encode_store(..., sae_dir=DIR), or the CLI's --sae)")
     sae = SAE.load(sae_dir, device=backbone.device)
-    pixels = backbone.preprocess([source[int(i)] for i in downstream_sample(len(source), limit)])
+    # Images the recording skipped as unreadable have no tokens: leave them out.
+    chosen = [int(i) for i in downstream_sample(len(source), limit)
+              if i < encoded.n_images and encoded.image_rows(int(i)).size]
+    pixels = backbone.preprocess([source[i] for i in chosen])
     metrics = downstream_metrics(backbone, layer, sae, pixels, batch_size=batch_size)
     return {"backbone": backbone.name, "layer": layer, **jsonable(metrics)}
+
+
+def default_out_dir(encoded_dir) -> Path:
+    """<encoded_dir>-eval, beside the encode folder: inside it, the encode folder would no
+    longer read as encode's own (a rerun of encode would refuse it)."""
+    encoded_dir = Path(encoded_dir)
+    return encoded_dir.with_name(encoded_dir.name + "-eval")
 
 
 def evaluate(encoded_dir, out_dir=None, *, experiments: Sequence[str] = (), size: str = "small", backbone=None,
@@ -190,7 +200,7 @@ def evaluate(encoded_dir, out_dir=None, *, experiments: Sequence[str] = (), size
     """Evaluate an encode output folder; write out_dir/eval.json and out_dir/report.html.
 
     encoded_dir: a folder written by encode_store (EncodedDataset's errors for others).
-    out_dir: default encoded_dir/eval. experiments: names from EXPERIMENTS, each run with
+    out_dir: default <encoded_dir>-eval (beside it). experiments: names from EXPERIMENTS, each run with
     (size, seed=0). backbone: None (no downstream metrics), a Backbone, or a name for
     load_backbone (e.g. "efficientnet-lite0"). images: the store's images in its order (a
     folder, a file list, or a list of arrays; default the store's recorded paths). n_latents
@@ -209,7 +219,7 @@ def evaluate(encoded_dir, out_dir=None, *, experiments: Sequence[str] = (), size
     if downstream_images is not None:
         downstream_images = _count("downstream_images", downstream_images, 1)
     encoded = EncodedDataset(encoded_dir)
-    out_dir = Path(encoded_dir) / "eval" if out_dir is None else Path(out_dir)
+    out_dir = default_out_dir(encoded_dir) if out_dir is None else Path(out_dir)
     stats = encoded.stats
     store = _store(encoded)
     source, captions, note = image_source(encoded, store, images)
