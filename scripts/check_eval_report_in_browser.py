@@ -12,14 +12,12 @@ does, 1 with the problems, 2 when no Chromium is installed.
 
 from __future__ import annotations
 
-import argparse
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_report_in_browser import BROWSERS, find_browser  # noqa: E402
+from check_report_in_browser import load, run_checker  # noqa: E402
 
 SECTIONS = ("metrics", "latents", "exemplars", "downstream", "experiments")
 DATA_PNG = "data:image/png;base64,"
@@ -65,35 +63,12 @@ def dom_problems(dom: str) -> list[str]:
 
 def check(report: Path, screenshot: Path | None = None) -> list[str]:
     """Problems found in ``report`` as headless Chromium loads it (empty when none)."""
-    browser = find_browser()
-    if browser is None:
-        raise FileNotFoundError("no Chromium found (looked for " + ", ".join(BROWSERS) + ")")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
-    url = report.resolve().as_uri()
-    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    problems = dom_problems(dom)
-    if screenshot is not None:
-        subprocess.run([browser, *flags, f"--screenshot={screenshot}", "--window-size=1400,3000", url],
-                       capture_output=True, timeout=120)
-        if not screenshot.exists() or screenshot.stat().st_size == 0:
-            problems.append("the browser wrote no screenshot")
-    return problems
+    dom, problems = load(report, screenshot, window="1400,3000")
+    return dom_problems(dom) + problems
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", type=Path)
-    parser.add_argument("--screenshot", type=Path, default=None)
-    args = parser.parse_args(argv)
-    try:
-        problems = check(args.report, args.screenshot)
-    except FileNotFoundError as exc:
-        print(f"check_eval_report_in_browser: {exc}", file=sys.stderr)
-        return 2
-    for problem in problems:
-        print(f"problem: {problem}")
-    print("eval report loads in Chromium" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+    return run_checker(check, "check_eval_report_in_browser", "eval report loads in Chromium", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ def find_browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
-def check(report: Path, screenshot: Path | None = None) -> list[str]:
-    """Problems found (empty when the report loaded as expected)."""
+def load(report: Path, screenshot: Path | None = None, window: str = "1200,2400") -> tuple[str, list[str]]:
+    """(the DOM headless Chromium built from ``report``, problems of the screenshot if one
+    was asked for). FileNotFoundError when no Chromium is installed."""
     browser = find_browser()
     if browser is None:
         raise FileNotFoundError("no Chromium found (looked for " + ", ".join(BROWSERS) + ")")
@@ -33,6 +34,17 @@ def check(report: Path, screenshot: Path | None = None) -> list[str]:
     url = report.resolve().as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     problems = []
+    if screenshot is not None:
+        subprocess.run([browser, *flags, f"--screenshot={screenshot}", f"--window-size={window}", url],
+                       capture_output=True, timeout=120)
+        if not screenshot.exists() or screenshot.stat().st_size == 0:
+            problems.append("the browser wrote no screenshot")
+    return dom, problems
+
+
+def check(report: Path, screenshot: Path | None = None) -> list[str]:
+    """Problems found (empty when the report loaded as expected)."""
+    dom, problems = load(report, screenshot)
     sections = len(re.findall(r'<section class="latent">', dom))
     images = re.findall(r'<img src="([^"]*)"', dom)
     if "</html>" not in dom:
@@ -43,28 +55,29 @@ def check(report: Path, screenshot: Path | None = None) -> list[str]:
         problems.append(f"{sections} latent sections but {len(images)} images")
     if any(not src.startswith("data:image/png;base64,") for src in images):
         problems.append("an image is not embedded (the report would need files or a network)")
-    if screenshot is not None:
-        subprocess.run([browser, *flags, f"--screenshot={screenshot}", "--window-size=1200,2400", url],
-                       capture_output=True, timeout=120)
-        if not screenshot.exists() or screenshot.stat().st_size == 0:
-            problems.append("the browser wrote no screenshot")
     return problems
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_checker(check_report, name: str, loaded: str, description: str, argv=None) -> int:
+    """The command line of a report checker: exit 0 when check_report finds nothing, 1 with
+    the problems, 2 when no Chromium is installed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", type=Path)
     parser.add_argument("--screenshot", type=Path, default=None)
     args = parser.parse_args(argv)
     try:
-        problems = check(args.report, args.screenshot)
+        problems = check_report(args.report, args.screenshot)
     except FileNotFoundError as exc:
-        print(f"check_report_in_browser: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"problem: {problem}")
-    print("report loads in Chromium" if not problems else f"{len(problems)} problem(s)")
+    print(loaded if not problems else f"{len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    return run_checker(check, "check_report_in_browser", "report loads in Chromium", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,12 @@ peak memory stays flat as the number of tokens grows tenfold."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from kill_child import kill_after_lines
 from encode_helpers import folder_bytes, make_sae, make_store
 
 from saeengine.errors import StoreIncompleteError
@@ -59,24 +55,7 @@ def kill_during_encode(sae: Path, store: Path, out: Path, after_batches: int, ex
     """Run a pass in a subprocess and SIGKILL it once it announced ``after_batches`` batches
     (plus ``extra_s``). Returns whether it was killed before finishing."""
     script = CHILD.format(commit_every=commit_every, sae=str(sae), store=str(store), out=str(out), settings=SETTINGS)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        seen = 0
-        for line in child.stdout:
-            if line.startswith("done"):
-                return False
-            seen += 1
-            if seen >= after_batches:
-                time.sleep(extra_s)
-                break
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-        return True
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.stdout.close()
+    return kill_after_lines(script, after_batches, extra_s)
 
 
 def assert_unfinished_or_right(out: Path, expected: dict[str, bytes]) -> None:

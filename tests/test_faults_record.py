@@ -5,17 +5,13 @@ and recording memory stays flat as the number of images grows."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kill_child import kill_after_lines
 from PIL import Image
 
 from saeengine.backbones import record_activations
@@ -67,24 +63,7 @@ def kill_during_recording(images: Path, out: Path, after_batches: int, extra_s: 
     forward passes (plus ``extra_s``). Returns whether it was killed before finishing."""
     script = CHILD.format(bench=str(BENCH.parent), images=str(images), layers=LAYERS, out=str(out),
                           settings=SETTINGS)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        seen = 0
-        for line in child.stdout:
-            if line.startswith("done"):
-                return False
-            seen += 1
-            if seen >= after_batches:
-                time.sleep(extra_s)
-                break
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-        return True
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.stdout.close()
+    return kill_after_lines(script, after_batches, extra_s)
 
 
 @pytest.mark.timeout(240)
