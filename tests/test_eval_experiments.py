@@ -102,7 +102,7 @@ def test_small_segmentation_experiment_and_miou_against_sklearn(one_torch_thread
 
 
 def test_experiment_main_writes_the_stamped_json(tmp_path):
-    from saeengine.eval.experiments.classification import experiment_main
+    from saeengine.eval.experiments.common import experiment_main
 
     calls = []
 

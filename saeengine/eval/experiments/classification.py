@@ -35,15 +35,9 @@ benchmarks/results/2026-12-01-classification-intervention.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime as _dt
-import json
-import sys
 import time
 from collections import Counter
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -53,7 +47,7 @@ from ..batch import code_pairs
 from ..datasets import N_CLASSES, mnist_digits
 from ..interventions import classification_effect, intervene, random_latent_edit, random_vector_edit
 from ..probes import accuracy, fit_probe
-from .common import block_tokens, efficientnet_pooled, pixels_of, train_small_sae
+from .common import block_tokens, efficientnet_pooled, experiment_main, pixels_of, train_small_sae
 
 LAYER = "blocks.4"
 IMAGE_SIZE = 96
@@ -109,34 +103,6 @@ def sae_summary(sae, tokens: torch.Tensor, chunk: int = 16384) -> tuple[torch.Te
     sst = float((tokens.double() - mean).square().sum())
     n = tokens.shape[0]
     return maxima, count / n, {"fvu": sse / sst, "l0": l0 / n, "alive": int((count > 0).sum())}
-
-
-def experiment_main(name: str, description: str, run: Callable[..., dict], argv: list[str] | None) -> int:
-    """The argparse front of an experiment: --size, --seed, --out, --no-progress; writes
-    {"date", "commit", "torch", **run(size, seed, progress)} as strict JSON (NaN -> null),
-    atomically."""
-    parser = argparse.ArgumentParser(prog=f"python -m saeengine.eval.experiments.{name}", description=description)
-    parser.add_argument("--size", choices=("small", "full"), default="full", help="small: the tests' size; full: the "
-                        "README's numbers")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data draws, the SAE and the baselines")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    from ..._atomic import atomic_write_bytes
-    from ...validation import current_commit
-
-    result = run(args.size, seed=args.seed, progress=not args.no_progress)
-    result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": current_commit(),
-              "torch": torch.__version__, **result}
-    from ..run_eval import jsonable
-
-    text = json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n"  # strict JSON: NaN -> null
-    if args.out is None:
-        sys.stdout.write(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.out, text.encode())
-    return 0
 
 
 def paired_p_value(chosen: np.ndarray, baseline: np.ndarray) -> float:

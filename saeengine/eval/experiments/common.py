@@ -1,11 +1,16 @@
 """What the offline experiments share: digits to pixels, a block's tokens of a batch of
-images (no store needed at this scale), EfficientNet-Lite0's pooled embedding, and a small
-TopK SAE trained on a token tensor."""
+images (no store needed at this scale), EfficientNet-Lite0's pooled embedding, a small
+TopK SAE trained on a token tensor, and the command line that writes a result file."""
 
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
+import json
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,3 +67,34 @@ def train_small_sae(tokens: torch.Tensor, *, d_sae: int, k: int, epochs: int = 2
                           warmup_steps=10, seed=seed, device="cpu", out_dir=str(out_dir or tmp), name="sae",
                           progress=False, log_every=10**9, dead_after_tokens=max(n, 1))
         return train(tokens.float(), cfg)
+
+
+def experiment_main(name: str, description: str, run: Callable[..., dict], argv: list[str] | None) -> int:
+    """The command line of an experiment: --size, --seed, --threads, --out, --no-progress;
+    writes {"date", "commit" (taken before the run), "torch", "threads", **run(size, seed,
+    progress)} as strict JSON (NaN -> null), atomically."""
+    from ..._atomic import atomic_write_bytes
+    from ...validation import current_commit
+    from ..run_eval import jsonable
+
+    parser = argparse.ArgumentParser(prog=f"python -m saeengine.eval.experiments.{name}", description=description)
+    parser.add_argument("--size", choices=("small", "full"), default="full", help="small: the tests' size; full: the "
+                        "README's numbers")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data draws, the SAEs and the baselines")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); the numbers depend on it in the last bits")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    stamp = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": current_commit(),
+             "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {**stamp, **run(args.size, seed=args.seed, progress=not args.no_progress)}
+    text = json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n"  # strict JSON: NaN -> null
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.out, text.encode())
+    return 0

@@ -47,7 +47,8 @@ from ..interventions import (ChangeCounts, auto_select_latents, change_counts, i
 from ..probes import fit_patch_probe
 from ..segmentation_data import N_LABELS, patch_labels, texture_digit_segmentation
 from ..segmentation_metrics import mean_iou
-from .classification import experiment_main, sae_summary
+from .classification import sae_summary
+from .common import experiment_main
 from .common import block_tokens, pixels_of, train_small_sae
 
 IMAGE_SIZE = 160
