@@ -41,13 +41,13 @@ from collections import Counter
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ...errors import InputError
 from ..batch import code_pairs
 from ..datasets import N_CLASSES, mnist_digits
 from ..interventions import classification_effect, intervene, random_latent_edit, random_vector_edit
 from ..probes import accuracy, fit_probe
-from .common import block_tokens, efficientnet_pooled, experiment_main, pixels_of, train_small_sae
+from .common import block_tokens, efficientnet_pooled, experiment_main, experiment_setup, pixels_of, train_small_sae
 
 LAYER = "blocks.4"
 IMAGE_SIZE = 96
@@ -159,16 +159,7 @@ def run_classification_experiment(size: str = "small", seed: int = 0, progress: 
     "p_value_vs_random_vector", "beats_random_latent", "beats_random_vector",
     "flips_to" ({"true->new": count} of the chosen edit)}}, "main_scale",
     "beats_baselines" (both, at the main scale), "seconds"}."""
-    if size not in SIZES:
-        raise InputError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    from tqdm.auto import tqdm
-
-    from ...backbones import load_backbone
-
-    settings = SIZES[size]
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    backbone = load_backbone("efficientnet-lite0")
+    settings, backbone, start = experiment_setup(size, SIZES, seed)
     images, labels = mnist_digits(seed=seed)
     train = slice(0, settings.n_probe_train)
     test = slice(len(labels) - settings.n_test, len(labels))

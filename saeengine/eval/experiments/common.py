@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from ...backbones.base import Backbone
+
+
+def experiment_setup(size: str, sizes: dict, seed: int):
+    """(the settings of ``size``, EfficientNet-Lite0 with its ImageNet weights, the start
+    time), torch's generator seeded; InputError for an unknown size."""
+    from ...backbones import load_backbone
+    from ...errors import InputError
+
+    if size not in sizes:
+        raise InputError(f"size must be one of {sorted(sizes)}, got {size!r}")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    return sizes[size], load_backbone("efficientnet-lite0"), start
 
 
 def pixels_of(images: np.ndarray, backbone: Backbone, size: int) -> torch.Tensor:

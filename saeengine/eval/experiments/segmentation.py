@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 
 from ...errors import InputError
@@ -48,8 +49,7 @@ from ..probes import fit_patch_probe
 from ..segmentation_data import N_LABELS, patch_labels, texture_digit_segmentation
 from ..segmentation_metrics import mean_iou
 from .classification import sae_summary
-from .common import experiment_main
-from .common import block_tokens, pixels_of, train_small_sae
+from .common import block_tokens, experiment_main, experiment_setup, pixels_of, train_small_sae
 
 IMAGE_SIZE = 160
 SAE_LAYER, PROBE_LAYER, GRID = "blocks.7", "blocks.10", 10
@@ -112,16 +112,7 @@ def run_segmentation_experiment(size: str = "small", seed: int = 0, progress: bo
     "n_classes"}}, "auto_beats_baselines" (pooled target rate above both baselines'),
     "seconds"}. ``keep_arrays`` adds "arrays": numpy patch predictions and labels of the
     test set ({"pred", "target"}, [n_test * 100]) for an independent mIoU check."""
-    if size not in SIZES:
-        raise InputError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    from tqdm.auto import tqdm
-
-    from ...backbones import load_backbone
-
-    settings = SIZES[size]
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    backbone = load_backbone("efficientnet-lite0")
+    settings, backbone, start = experiment_setup(size, SIZES, seed)
     images, pixel_labels = texture_digit_segmentation(settings.n_train + settings.n_test, size=IMAGE_SIZE, seed=seed)
     labels, purity = patch_labels(pixel_labels, GRID)
     n_train = settings.n_train
