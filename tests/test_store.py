@@ -2,6 +2,7 @@
 token -> image/patch mapping, shuffling, ordering and resumable positions."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,31 @@ def test_round_trip_and_sources(tmp_path, dtype):
     assert image.tolist() == (rows // 10).tolist() and position.tolist() == (rows % 10).tolist()
     meta = ActivationStore(tmp_path / "s").meta
     assert (meta.backbone, meta.layer, meta.token_kind, meta.dtype) == ("tiny-vit", "blocks.3", "patch", dtype)
+
+
+def _resident_pages(array: np.ndarray) -> int:
+    """KiB of a memory-mapped array resident in this process (its mapping's Rss in /proc/self/smaps)."""
+    address = array.ctypes.data
+    current = None
+    for line in open("/proc/self/smaps"):
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            current = int(span.group(1), 16) <= address < int(span.group(2), 16)
+        elif current and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("the mapping was not found")
+
+
+def test_drop_pages_releases_passed_shards_and_reads_stay_right(tmp_path):
+    acts = torch.randn(1200, 256)  # 4 shards of 300 rows, 300 KiB each
+    store = write_store(tmp_path / "s", acts)
+    assert torch.equal(store.get(np.arange(1200)), acts)  # every page mapped in
+    before = [_resident_pages(a) for a in store._data]
+    store.drop_pages(650)  # shards 0 and 1 end at or before row 650; shard 2 does not
+    after = [_resident_pages(a) for a in store._data]
+    assert after[0] < before[0] / 4 and after[1] < before[1] / 4
+    assert after[2] == before[2] and after[3] == before[3]
+    assert torch.equal(store.get(np.arange(1200)), acts)  # dropped pages read back from the file
 
 
 def test_content_hash_names_the_content(tmp_path):

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
 from ..backbones.splice import splice
@@ -75,7 +76,7 @@ def _kl_and_agreement(clean: torch.Tensor, other: torch.Tensor) -> tuple[float, 
 
 def downstream_metrics(backbone: Backbone, layer: str, sae, pixels: torch.Tensor, *,
                        head: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 32,
-                       mean_activation: torch.Tensor | None = None) -> dict:
+                       mean_activation: torch.Tensor | None = None, progress: bool = False) -> dict:
     """KL and top-1 agreement of the head's class distribution, clean vs SAE-spliced
     (reconstruction only) and vs zero- and mean-ablation of ``layer``, and KL recovered.
 
@@ -84,6 +85,7 @@ def downstream_metrics(backbone: Backbone, layer: str, sae, pixels: torch.Tensor
         head: pixels -> logits [B, C] (default ``backbone.forward``); it must run the layer.
         mean_activation: [d] the mean-ablation value (default: the mean of the layer's
             tokens over these images, one extra pass).
+        progress: a progress bar over the batches (4 forward passes each).
     Returns a dict of floats: kl_sae, kl_zero, kl_mean, kl_recovered_zero,
     kl_recovered_mean, top1_agreement_sae, top1_agreement_zero, top1_agreement_mean, and
     n_images.
@@ -101,7 +103,8 @@ def downstream_metrics(backbone: Backbone, layer: str, sae, pixels: torch.Tensor
                          "channels (the SAE's d_in)")
     runs = {"clean": [], "sae": [], "zero": [], "mean": []}
     with torch.no_grad():
-        for start in range(0, pixels.shape[0], batch_size):
+        starts = range(0, pixels.shape[0], batch_size)
+        for start in tqdm(starts, desc="downstream", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = pixels[start:start + batch_size].to(backbone.device)
             seen = []
             handle = backbone.layer_module(layer).register_forward_hook(lambda *args: seen.append(True))

@@ -10,14 +10,12 @@ the caller encodes the current one.
 
 The store's shards are memory-mapped, and every page read stays in the process's resident
 memory until unmapped. Once the pass is past a shard, its pages are dropped from the map
-(madvise DONTNEED: they stay in the page cache), so the pass's RSS holds at most about
+(ActivationStore.drop_pages: they stay in the page cache), so the pass's RSS holds at most about
 one shard of the store, whatever its size.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -62,7 +60,6 @@ class OrderedBatches:
         self.store, self.batch_tokens, self.start, self.last_image = store, batch_tokens, start, last_image
         self.n = store.n_tokens
         self._cls, self._cls_default = cls_lookup(store.meta)
-        self._dropped = 0  # shards whose pages were dropped
 
     def _images(self, a: int, b: int) -> np.ndarray:
         return self.store.sources(np.arange(a, b, dtype=np.int64))[0]
@@ -99,22 +96,8 @@ class OrderedBatches:
             covered = position < self._cls.shape[0]
             is_cls = np.where(covered, self._cls[np.minimum(position, self._cls.shape[0] - 1)], self._cls_default)
         batch = StoreBatch(start, self.store.get(rows), image, position, is_cls)
-        self._drop_pages_before(stop)
+        self.store.drop_pages(stop)  # past these shards for good: keep RSS at about one shard
         return batch
-
-    def _drop_pages_before(self, row: int) -> None:
-        """Unmap the pages of the shards that end at or before ``row`` (read for the last time)."""
-        # The store keeps one np.memmap per shard file (ActivationStore._data, _sources); a
-        # store without them (another reader) keeps its pages, which costs memory, not results.
-        offsets = getattr(self.store, "offsets", None)
-        maps = list(zip(getattr(self.store, "_data", ()), getattr(self.store, "_sources", ())))
-        if offsets is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        while self._dropped < len(maps) and offsets[self._dropped + 1] <= row:
-            for array in maps[self._dropped]:
-                with contextlib.suppress(AttributeError, OSError, ValueError):
-                    array._mmap.madvise(mmap.MADV_DONTNEED)
-            self._dropped += 1
 
     def check_order(self, batch: StoreBatch, last_image: int) -> None:
         """Image ids ascend within the batch and past the previous batch's last image."""

@@ -153,7 +153,8 @@ def downstream_sample(n_images: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n_images - 1, limit).round().astype(np.int64))
 
 
-def _downstream(encoded, store, backbone, source, limit: int | None, batch_size: int = 32) -> dict:
+def _downstream(encoded, store, backbone, source, limit: int | None, batch_size: int = 32,
+                progress: bool = False) -> dict:
     from ..backbones import load_backbone
     from ..sae import SAE
     from .downstream import downstream_metrics
@@ -183,7 +184,7 @@ def _downstream(encoded, store, backbone, source, limit: int | None, batch_size:
     chosen = [int(i) for i in downstream_sample(len(source), limit)
               if i < encoded.n_images and encoded.image_rows(int(i)).size]
     pixels = backbone.preprocess([source[i] for i in chosen])
-    metrics = downstream_metrics(backbone, layer, sae, pixels, batch_size=batch_size)
+    metrics = downstream_metrics(backbone, layer, sae, pixels, batch_size=batch_size, progress=progress)
     return {"backbone": backbone.name, "layer": layer, **jsonable(metrics)}
 
 
@@ -227,7 +228,8 @@ def evaluate(encoded_dir, out_dir=None, *, experiments: Sequence[str] = (), size
     shown, rule = choose_latents(np.asarray(stats["frequency"], dtype=np.float64),
                                  np.asarray(stats["mean_nonzero"], dtype=np.float64), n_latents)
     latents["shown"] = {"rule": rule, "latents": shown.tolist()}
-    downstream = _downstream(encoded, store, backbone, source, downstream_images) if backbone is not None else None
+    downstream = (_downstream(encoded, store, backbone, source, downstream_images, progress=progress)
+                  if backbone is not None else None)
     results = {name: jsonable(EXPERIMENTS[name](size=size, seed=0, progress=progress)) for name in experiments}
     result = {"format": FORMAT, "version": VERSION, "encoded": str(Path(encoded_dir).resolve()),
               "metrics": jsonable(encoded.metrics), "latents": latents, "downstream": downstream,

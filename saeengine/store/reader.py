@@ -16,6 +16,8 @@ What is checked when (see metadata.py for the format):
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import re
 import threading
@@ -99,6 +101,7 @@ class ActivationStore:
         self._sources = [np.memmap(shard_paths(self.directory, s.name)[1], dtype=self._src_dtype, mode="r",
                                    shape=(s.tokens, SOURCE_COLUMNS)) for s in self.meta.shards]
         self.offsets = np.cumsum([0] + [s.tokens for s in self.meta.shards])
+        self._pages_dropped = 0  # shards whose pages drop_pages released
         self._images = ImagePaths(self.directory, self.meta.images, self.meta.complete)
         self._image_list: list[str] | None = None
         self._verify = verify is not False
@@ -154,6 +157,20 @@ class ActivationStore:
                 with _verified_lock:
                     _verified.add(key)
                 self._checked[shard] = True
+
+    def drop_pages(self, before_row: int) -> None:
+        """Release the memory-mapped pages of every shard that ends at or before
+        ``before_row``: a reader streaming through the store in order calls this once past
+        a shard, so its RSS holds about one shard of pages. The data stays on disk (and in
+        the page cache); a later read maps it in again."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        while self._pages_dropped < len(self._data) and self.offsets[self._pages_dropped + 1] <= before_row:
+            for array in (self._data[self._pages_dropped], self._sources[self._pages_dropped]):
+                # np.memmap keeps its mmap object; a zero-size shard has none
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    array._mmap.madvise(mmap.MADV_DONTNEED)
+            self._pages_dropped += 1
 
     def _split_by_shard(self, rows: np.ndarray):
         """rows sorted ascending -> [(shard, local rows, slice of rows)], each shard verified
