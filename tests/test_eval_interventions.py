@@ -10,9 +10,9 @@ import torch
 from saeengine import SAE, SAEConfig
 from saeengine.backbones import Backbone
 from saeengine.errors import InputError
-from saeengine.eval.interventions import (auto_select_latents, change_counts, change_rates, classification_effect,
-                                          intervene, pooled_change_rates, random_latent_edit, random_vector_edit,
-                                          set_latents)
+from saeengine.eval.intervention_effects import (auto_select_latents, change_counts, change_rates,
+                                                 classification_effect, pooled_change_rates)
+from saeengine.eval.interventions import intervene, random_latent_edit, random_vector_edit, set_latents
 
 D_IN, D_SAE, SIDE = 6, 32, 3  # tokens per image: SIDE * SIDE
 

@@ -23,7 +23,7 @@ random vectors of equal norm.
    (interventions.random_vector_edit). Note: at s = 0 a random latent is usually not
    active at the chosen positions, so its edit is mostly empty ("random_latent_active"
    reports how often at least one was active).
-5. Reported per condition (interventions.classification_effect): Δp(true) mean/std, flip
+5. Reported per condition (intervention_effects.classification_effect): Δp(true) mean/std, flip
    rate (true top-1 lost, among digits classified correctly before), top-1 change rate;
    a one-sided paired Wilcoxon p-value of chosen Δp < baseline Δp; and the stated margin:
    the chosen latents beat a baseline when their mean Δp(true) is at least
@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from ..batch import code_pairs
 from ..datasets import N_CLASSES, mnist_digits
-from ..interventions import classification_effect, intervene, random_latent_edit, random_vector_edit
+from ..intervention_effects import classification_effect
+from ..interventions import intervene, random_latent_edit, random_vector_edit
 from ..probes import accuracy, fit_probe
 from .common import block_tokens, efficientnet_pooled, experiment_main, experiment_setup, pixels_of, train_small_sae
 

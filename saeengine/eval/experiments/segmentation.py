@@ -13,7 +13,7 @@ protocol, on EfficientNet-Lite0 and MNIST digits pasted onto scikit-image textur
 3. SAE: TopK (``d_sae``, ``k``) on the tokens of ``blocks.7``, an earlier block with the
    same 10 x 10 grid (so a patch's label is the same at both blocks), trained on the
    training images; maxima m_j from those tokens.
-4. Auto-selection per digit class (interventions.auto_select_latents): on the training
+4. Auto-selection per digit class (intervention_effects.auto_select_latents): on the training
    patches with purity >= 0.9, the latent with the best F1 of "z_j > t" vs "patch is c"
    over t in {0, 0.1, 0.3, 1.0}, latents firing on >= ``max_freq`` of the patches masked.
 5. Intervention per class c, on the test images holding a c-patch: the latent set to
@@ -21,7 +21,7 @@ protocol, on EfficientNet-Lite0 and MNIST digits pasted onto scikit-image textur
    before and after. Baselines: one random latent per class (not the chosen one, ever
    fired) at -2 x its own max, and a random unit vector times the chosen edit's change norm at
    each patch (interventions.random_latent_edit / random_vector_edit).
-6. Change rates (interventions.change_counts / pooled_change_rates): target = changed
+6. Change rates (intervention_effects.change_counts / pooled_change_rates): target = changed
    c-patches / c-patches, other = changed non-c patches / non-c patches; pooled means
    over classes and the std of the per-class rates. Also "other_digit_rate": the same
    over the patches of the other digit classes only (the other rate is mostly
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from ...errors import InputError
 from ..batch import code_pairs
-from ..interventions import (ChangeCounts, auto_select_latents, change_counts, intervene, pooled_change_rates,
-                             random_latent_edit, random_vector_edit)
+from ..intervention_effects import ChangeCounts, auto_select_latents, change_counts, pooled_change_rates
+from ..interventions import intervene, random_latent_edit, random_vector_edit
 from ..probes import fit_patch_probe
 from ..segmentation_data import N_LABELS, patch_labels, texture_digit_segmentation
 from ..segmentation_metrics import mean_iou
