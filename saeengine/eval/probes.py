@@ -331,15 +331,15 @@ def fit_probe(features, labels, *, n_classes: int | None = None, epochs: int = 1
         final = float("nan")
         for _ in trange(epochs, disable=not progress, desc="probe"):
             order = torch.randperm(x.shape[0], generator=gen).to(dev)
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64, device=dev)  # on the device: no sync per step
             for start in range(0, x.shape[0], batch_size):
                 rows = order[start:start + batch_size]
                 opt.zero_grad()
                 loss = F.cross_entropy(probe(x[rows]), y[rows])
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * rows.numel()
-            final = total / x.shape[0]
+                total += loss.detach().double() * rows.numel()
+            final = float(total) / x.shape[0]
     if not all(bool(torch.isfinite(p).all()) for p in params):
         raise NonFiniteError(f"fit_probe diverged (NaN/inf weights) with lr={lr}; lower lr or keep standardize=True")
     probe.training_settings = {"optimizer": "lbfgs" if batch_size is None else "adamw", "epochs": epochs, "lr": lr,
