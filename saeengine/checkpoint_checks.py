@@ -73,16 +73,23 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_config(path: Path) -> dict:
-    """config.json at ``path``, every field checked against its format version."""
+def read_json_object(path: Path, holds: str) -> dict:
+    """The JSON object in ``path``; CheckpointError when it is missing (``holds`` names
+    what the folder should hold), not JSON, or not an object."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise CheckpointError(f"{path}: missing; {holds}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or corrupted") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {_type_name(data)}")
+    return data
+
+
+def read_config(path: Path) -> dict:
+    """config.json at ``path``, every field checked against its format version."""
+    data = read_json_object(path, f"a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     for field in ("format", "format_version"):
         if field not in data:
             raise CheckpointError(f"{path}: field {field!r} is missing")

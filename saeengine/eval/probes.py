@@ -218,14 +218,9 @@ class LinearProbe(nn.Module):
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; a probe folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or corrupted") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    from ..checkpoint_checks import read_json_object
+
+    data = read_json_object(path, f"a probe folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: field 'format' is {data.get('format')!r}; expected {FORMAT!r} (not a "
                               "saeengine probe)")
