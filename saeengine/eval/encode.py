@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from .._atomic import atomic_write, atomic_write_bytes, fsync_directory
 from .._lock import LOCK_FILE, exclusive_lock
 from ..errors import ConfigError, DataError, DataMismatchError, InputError, StoreCorruptError, StoreIncompleteError
+from ._json import jsonable
 from .batch import TokenBatch, code_pairs
 from .encode_batches import OrderedBatches
 from .encode_files import CodeFiles
@@ -433,7 +433,7 @@ class _Pass:
             "counts": {"tokens": self.store.n_tokens, "images": self.done["images"],
                        "image_ids": self.done["last_image"] + 1, "d_sae": self.sae.cfg.d_sae,
                        "batches": self.done["batches"], "code_entries": self.files.entries},
-            "metrics": {k: _json_number(v) for k, v in metrics.items()},
+            "metrics": jsonable(metrics),
             "files": self._files_table(stats, exemplars),
         }
         atomic_write_bytes(self.out_dir / SUMMARY, (json.dumps(summary, indent=1, allow_nan=False) + "\n").encode())
@@ -457,11 +457,3 @@ class _Pass:
 
 def _tensor(value) -> torch.Tensor:
     return (value if isinstance(value, torch.Tensor) else torch.tensor(value)).detach().cpu().contiguous()
-
-
-def _json_number(value):
-    """A metric for JSON: NaN and inf (undefined metrics) become null."""
-    if isinstance(value, (bool, int)):
-        return value
-    value = float(value)
-    return value if math.isfinite(value) else None

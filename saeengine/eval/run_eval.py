@@ -6,7 +6,6 @@ and write eval.json and the self-contained report.html. Every field: docs/eval-r
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,6 +14,7 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes
 from ..errors import ConfigError, DataMismatchError, InputError
+from ._json import jsonable
 
 FORMAT, VERSION = "saeengine-eval", 1
 SIZES = ("small", "full")
@@ -54,30 +54,6 @@ def _count(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ConfigError(f"{name}={value!r} must be an int >= {low}")
     return int(value)
-
-
-def jsonable(value: Any) -> Any:
-    """numpy / torch scalars and arrays -> Python numbers and lists; NaN and inf -> None
-    (eval.json is strict JSON); dict keys -> str."""
-    import torch
-
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def latent_summary(stats: dict) -> dict:

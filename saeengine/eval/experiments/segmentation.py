@@ -48,8 +48,7 @@ from ..interventions import intervene, random_latent_edit, random_vector_edit
 from ..probes import fit_patch_probe
 from ..segmentation_data import N_LABELS, patch_labels, texture_digit_segmentation
 from ..segmentation_metrics import mean_iou
-from .classification import sae_summary
-from .common import block_tokens, experiment_main, experiment_setup, pixels_of, train_small_sae
+from .common import block_tokens, experiment_main, experiment_setup, pixels_of, sae_summary, train_small_sae
 
 IMAGE_SIZE = 160
 SAE_LAYER, PROBE_LAYER, GRID = "blocks.7", "blocks.10", 10
