@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ._args import is_int
 
 N_CLASSES = 10
 
@@ -25,7 +26,7 @@ def _balanced_subset(labels: np.ndarray, n: int | None, seed: int, what: str) ->
     rng = np.random.default_rng(seed)
     if n is None:
         return rng.permutation(labels.size)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= labels.size:
+    if not is_int(n) or not 1 <= n <= labels.size:
         raise InputError(f"{what}: n must be an integer in 1..{labels.size} (the digits available), got {n!r}")
     chosen = []
     for c in range(N_CLASSES):
@@ -61,7 +62,7 @@ def sklearn_digits(n: int | None = None, *, size: int = 28, seed: int = 0) -> tu
     0..16) upsampled bilinearly to ``size`` and scaled to 0..255, a class-balanced draw."""
     from sklearn.datasets import load_digits
 
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+    if not is_int(size) or size < 8:
         raise InputError(f"sklearn_digits: size must be an integer >= 8 (the digits are 8x8), got {size!r}")
     digits = load_digits()
     labels = np.asarray(digits.target, dtype=np.int64)

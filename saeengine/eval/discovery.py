@@ -14,13 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataMismatchError, InputError
+from ._args import count
 from .batch import code_pairs
-
-
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be an int >= 1")
-    return int(value)
 
 
 def patch_mask(patches, n_tokens: int) -> torch.Tensor:
@@ -64,7 +59,7 @@ def top_latents_for_patches(sae, tokens: torch.Tensor, patches, n: int = 10) -> 
     summed (in float64) over the selected tokens, is largest, by decreasing sum (ties by
     increasing id); n' = min(n, number of latents that fire on the selection).
     """
-    n = _count("n", n)
+    n = count("n", n)
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:
         raise InputError(f"tokens has shape {tuple(tokens.shape)}; pass one image's tokens as [T, d_in]")
@@ -106,7 +101,7 @@ def discover(sae, tokens: torch.Tensor, patches, exemplars, n: int = 10, rule: s
     Returns one dict per latent, by decreasing summed value: {"latent": int, "summed":
     float, "images": [int], "scores": [float], "positions": [int]} (pads dropped).
     """
-    per_latent = _count("per_latent", per_latent)
+    per_latent = count("per_latent", per_latent)
     latents, summed = top_latents_for_patches(sae, tokens, patches, n)
     table = {f: torch.as_tensor(t).cpu() for f, t in _exemplar_table(exemplars, rule).items()}
     rows = table["scores"].shape[0]

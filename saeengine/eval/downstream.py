@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone
 from ..backbones.splice import splice
 from ..errors import InputError
+from ._args import is_int
 from .interventions import _check_head_output
 
 
@@ -92,7 +93,7 @@ def downstream_metrics(backbone: Backbone, layer: str, sae, pixels: torch.Tensor
     """
     if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[0] == 0:
         raise InputError("pixels must be a non-empty tensor [n, 3, H, W] of preprocessed images")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     head = head or backbone.forward
     if mean_activation is None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .._atomic import atomic_write, atomic_write_bytes, fsync_directory
 from .._lock import LOCK_FILE, exclusive_lock
 from ..errors import ConfigError, DataError, DataMismatchError, InputError, StoreCorruptError, StoreIncompleteError
+from ._args import is_int
 from ._json import jsonable
 from .batch import TokenBatch, code_pairs
 from .encode_batches import OrderedBatches
@@ -97,7 +98,7 @@ def encode_store(sae, store, out_dir, *, batch_tokens: int = 8192, top_k: int = 
 # ----- arguments -------------------------------------------------------------------------------
 def _check_settings(batch_tokens, top_k, resume, progress, backend) -> None:
     for name, value in (("batch_tokens", batch_tokens), ("top_k", top_k)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_int(value) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     for name, flag in (("resume", resume), ("progress", progress)):
         if not isinstance(flag, bool):

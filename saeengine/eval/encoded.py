@@ -36,6 +36,7 @@ import numpy as np
 
 from .._lock import LOCK_FILE
 from ..errors import DataMismatchError, InputError, StoreCorruptError, StoreError, StoreIncompleteError
+from ._args import is_int
 
 FORMAT = "saeengine-encoded"
 VERSION = 1
@@ -236,7 +237,7 @@ class EncodedDataset:
     def image_rows(self, image: int) -> np.ndarray:
         """int64 rows of image ``image``'s tokens, ascending (empty for an image without
         tokens). Image ids ascend through the folder, so this is two binary searches."""
-        if isinstance(image, (bool, np.bool_)) or not isinstance(image, (int, np.integer)):
+        if not is_int(image):
             raise InputError(f"an image index must be an integer, got {image!r}")
         if not 0 <= image < self._images:
             raise InputError(f"image index {image} is out of range: the folder's images are 0..{self._images - 1}")

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError, DataMismatchError, InputError
+from ._args import is_int
 from .aggregate import per_image
 from .batch import TokenBatch
 
@@ -50,9 +51,9 @@ class Exemplars:
     """
 
     def __init__(self, d_sae: int, top_k: int = 128, rules: Sequence[str] = RULES):
-        if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
+        if not is_int(d_sae) or d_sae < 1:
             raise ConfigError(f"d_sae={d_sae!r}: the number of latents must be an int >= 1 (the SAE's cfg.d_sae)")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        if not is_int(top_k) or top_k < 1:
             raise ConfigError(f"top_k={top_k!r}: exemplars per latent must be an int >= 1 (the paper uses 128)")
         if isinstance(rules, str):
             rules = (rules,)
@@ -248,9 +249,9 @@ def heatmap(values, indices, positions, latent: int, n_positions: int) -> torch.
     if values.dim() != 2 or values.shape != indices.shape or positions.shape != values.shape[:1]:
         raise InputError(f"heatmap takes values and indices [N, w] and positions [N]; got {tuple(values.shape)}, "
                          f"{tuple(indices.shape)} and {tuple(positions.shape)}")
-    if isinstance(n_positions, bool) or not isinstance(n_positions, int) or n_positions < 1:
+    if not is_int(n_positions) or n_positions < 1:
         raise InputError(f"n_positions={n_positions!r} must be an int >= 1 (the image's number of token positions)")
-    if isinstance(latent, bool) or not isinstance(latent, int) or latent < 0:
+    if not is_int(latent) or latent < 0:
         raise InputError(f"latent={latent!r} must be an int >= 0 (a latent id of the SAE)")
     out = torch.zeros(n_positions, dtype=torch.float32, device=values.device)
     if positions.numel() == 0:

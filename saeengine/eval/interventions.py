@@ -44,6 +44,7 @@ from ..backbones.base import Backbone
 from ..backbones.splice import Edit, splice
 from ..errors import InputError
 from ..ops.code import SparseCode
+from ._args import is_int
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # pixels [B, 3, H, W] -> logits [B, C]
 
@@ -122,7 +123,7 @@ def set_latents(latents, values, tokens: torch.Tensor | None = None) -> Edit:
 def _is_int(x) -> bool:
     if isinstance(x, torch.Tensor):
         return x.numel() == 1 and not x.is_floating_point() and x.dtype != torch.bool
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+    return is_int(x)
 
 
 def _latent_table(latents, n_images: int, d_sae: int) -> torch.Tensor:

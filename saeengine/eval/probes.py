@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from .._atomic import atomic_write
 from .._hashing import hash_files
 from ..errors import CheckpointError, DataMismatchError, InputError, NonFiniteError
+from ._args import is_int
 
 FORMAT = "saeengine.probe"
 VERSION = 1
@@ -78,7 +79,7 @@ def as_labels(y, n: int, n_classes: int | None, what: str = "labels") -> tuple[t
         raise InputError(f"{what}: no rows to train on; pass at least one labelled feature row")
     if n_classes is None:
         n_classes = int(y.max()) + 1
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+    if not is_int(n_classes) or n_classes < 1:
         raise InputError(f"n_classes must be an integer >= 1, got {n_classes!r}")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= n_classes:
@@ -110,7 +111,7 @@ class LinearProbe(nn.Module):
                  standardize: bool = True):
         super().__init__()
         for name, value in (("d_in", d_in), ("n_classes", n_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise InputError(f"LinearProbe: {name} must be an integer >= 1, got {value!r}")
         if class_names is not None and len(class_names) != n_classes:
             raise InputError(f"LinearProbe: {len(class_names)} class_names given for n_classes={n_classes}; "
@@ -288,7 +289,7 @@ def fit_probe(features, labels, *, n_classes: int | None = None, epochs: int = 1
     x = as_features(features)
     y, n_classes = as_labels(labels, x.shape[0], n_classes)
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        if value is not None and (not is_int(value) or value < low):
             raise InputError(f"fit_probe: {name} must be an integer >= {low}, got {value!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise InputError(f"fit_probe: weight_decay must be a number >= 0, got {weight_decay!r}")

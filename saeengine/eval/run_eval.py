@@ -14,6 +14,7 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes
 from ..errors import ConfigError, DataMismatchError, InputError
+from ._args import count
 from ._json import jsonable
 
 FORMAT, VERSION = "saeengine-eval", 1
@@ -48,12 +49,6 @@ def check_experiments(names: Sequence[str]) -> tuple[str, ...]:
         raise ConfigError(f"unknown experiment {', '.join(map(repr, unknown))}: choose from "
                           f"{', '.join(EXPERIMENTS)} (comma-separated)")
     return tuple(dict.fromkeys(names))
-
-
-def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name}={value!r} must be an int >= {low}")
-    return int(value)
 
 
 def latent_summary(stats: dict) -> dict:
@@ -192,9 +187,9 @@ def evaluate(encoded_dir, out_dir=None, *, experiments: Sequence[str] = (), size
     experiments = check_experiments(experiments)
     if size not in SIZES:
         raise ConfigError(f"size={size!r}: choose one of {', '.join(SIZES)}")
-    n_latents, per_latent = _count("n_latents", n_latents, 0), _count("per_latent", per_latent, 1)
+    n_latents, per_latent = count("n_latents", n_latents, 0), count("per_latent", per_latent, 1)
     if downstream_images is not None:
-        downstream_images = _count("downstream_images", downstream_images, 1)
+        downstream_images = count("downstream_images", downstream_images, 1)
     encoded = EncodedDataset(encoded_dir)
     out_dir = default_out_dir(encoded_dir) if out_dir is None else Path(out_dir)
     stats = encoded.stats

@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import InputError
+from ._args import is_int
 from .datasets import mnist_digits
 
 TEXTURES = ("brick", "grass", "gravel", "moon", "immunohistochemistry", "hubble_deep_field")
@@ -83,9 +84,9 @@ def texture_digit_segmentation(n: int, *, size: int = 160, seed: int = 0, max_di
     0 = background and 1..10 = digit 0..9 (see the module docstring for the recipe)."""
     from scipy.ndimage import grey_dilation
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not is_int(n) or n < 1:
         raise InputError(f"n must be a positive integer (images to make), got {n!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 28:
+    if not is_int(size) or size < 28:
         raise InputError(f"size must be an integer >= 28 (pixels per side), got {size!r}")
     lo, hi = digit_scale
     if not 0 < lo <= hi <= 1:
@@ -132,7 +133,7 @@ def patch_labels(pixel_labels: np.ndarray, grid: int) -> tuple[np.ndarray, np.nd
     if labels.ndim != 3:
         raise InputError(f"pixel_labels must be [n, H, W], got shape {labels.shape}")
     n, h, w = labels.shape
-    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 1 <= grid <= min(h, w):
+    if not is_int(grid) or not 1 <= grid <= min(h, w):
         raise InputError(f"grid must be an integer in 1..{min(h, w)} (patches per side), got {grid!r}")
     n_labels = int(labels.max()) + 1
     # Pixel i lies in the last patch r with r*H//grid <= i, i.e. r = ((i+1)*grid - 1) // H.

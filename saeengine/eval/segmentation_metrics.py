@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from ._args import is_int
 
 
 def _as_ids(a, what: str) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _as_ids(a, what: str) -> torch.Tensor:
 def confusion_matrix(pred, target, n_classes: int, ignore_index: int | None = None) -> torch.Tensor:
     """pred, target: integer arrays of one shape (any, e.g. [n_img, H, W]) -> [n_classes,
     n_classes] int64 counts, rows = target class, columns = predicted class."""
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+    if not is_int(n_classes) or n_classes < 1:
         raise InputError(f"n_classes must be an integer >= 1, got {n_classes!r}")
     if tuple(torch.as_tensor(pred).shape) != tuple(torch.as_tensor(target).shape):
         raise InputError(f"pred and target must have one shape, got {list(torch.as_tensor(pred).shape)} and "
