@@ -78,9 +78,9 @@ def cuda_extensions():
 ext_modules, cmdclass = cuda_extensions()
 
 setup(
-    packages=find_packages(include=["saeengine", "saeengine.*"]) + ["saeengine.kernels"],
+    packages=find_packages(include=["saeengine", "saeengine.*"]) + ["saeengine.kernels", "saeengine.data"],
     package_dir={"saeengine.kernels": "kernels"},
-    package_data={"saeengine": ["gpu_validation.json"]},
+    package_data={"saeengine": ["gpu_validation.json"], "saeengine.data": ["*.tsv"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
