@@ -254,6 +254,18 @@ def test_llava_labels_image_and_text_tokens(tmp_path):
     assert store.sources([21])[0].tolist() == [1] and store.sources([21])[1].tolist() == [0]
 
 
+def test_llava_next_inputs_keep_their_image_sizes():
+    """LLaVA-NeXT-style examples carry image_sizes [n_images, 2]; the batch concatenates
+    them in example order (the model tiles each image by its size)."""
+    from saeengine.backbones import llava
+    backbone = llava(tiny_llava())
+    examples = [{"input_ids": [1, 100], "pixel_values": torch.randn(1, 3, 32, 32), "image_sizes": [[32, 48]]},
+                {"input_ids": [1, 100, 5], "pixel_values": torch.randn(1, 3, 32, 32), "image_sizes": [[64, 32]]}]
+    batch = backbone.preprocess(examples)
+    assert batch["image_sizes"].tolist() == [[32, 48], [64, 32]]
+    assert "image_sizes" not in backbone.preprocess([{k: v for k, v in examples[0].items() if k != "image_sizes"}])
+
+
 @pytest.mark.parametrize("subfolder", ["text_encoder", "text_encoder_2"])
 def test_text_encoders_load_from_a_local_diffusion_pipeline_folder(tmp_path, subfolder):
     """A diffusers pipeline folder: text_encoder (CLIPTextModel) and, in SDXL-style

@@ -119,6 +119,8 @@ class MultimodalBackbone(Backbone):
     def preprocess(self, items) -> dict:
         batch = _pad_ids([item["input_ids"] for item in items], self.pad_id if self.pad_id is not None else 0)
         batch["pixel_values"] = torch.cat([torch.as_tensor(item["pixel_values"]) for item in items])
+        if "image_sizes" in items[0]:  # LLaVA-NeXT-style models tile each image by its size
+            batch["image_sizes"] = torch.cat([torch.as_tensor(item["image_sizes"]) for item in items])
         return batch
 
     def sample_token_kinds(self, inputs, n_tokens: int) -> list[list[str]]:
