@@ -24,9 +24,9 @@ Steps (all draws from ``seed``):
    classes (saeengine.eval.wordnet), with the null baselines.
 
 Run: ``python -m saeengine.eval.experiments.ontology --size full --threads 1 --out
-benchmarks/results/ontology_smoke.json`` (592 s wall on a shared 2-core machine where it
+benchmarks/results/2026-12-01-ontology-smoke.json`` (592 s wall on a shared 2-core machine where it
 got ~40% of a core: about 4 minutes of one idle thread), then
-``python -m saeengine.eval.ontology_report benchmarks/results/ontology_smoke.json`` for the
+``python -m saeengine.eval.ontology_report benchmarks/results/2026-12-01-ontology-smoke.json`` for the
 HTML page; or ``saeengine ontology --offline --size full --out DIR`` for both at once.
 """
 
