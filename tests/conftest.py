@@ -1,6 +1,7 @@
 """Shared fixtures. Without a GPU, Triton kernels run under the interpreter
 (TRITON_INTERPRET must be set before any @triton.jit function is defined)."""
 
+import contextlib
 import os
 
 import torch
@@ -148,10 +149,27 @@ def assert_same_saved_sae(sae, loaded):
         assert torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)), name
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on n CPU threads inside the block, the previous count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run the test on one torch thread (bitwise comparisons with single-threaded children)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """A whole test module on one torch thread (small shapes: threads only add overhead; use
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread_module")``)."""
+    with torch_threads(1):
+        yield

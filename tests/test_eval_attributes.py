@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = list(TOY_PROMPTS[:8])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ transformers = pytest.importorskip("transformers", reason="the LLaVA recording n
 from tiny_llava import BOS_ID, IMAGE_TOKENS, VOCAB, save_tiny_llava, tiny_llava  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 def random_code(n: int, d_sae: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,14 +176,11 @@ def synthetic():
     from saeengine.eval.experiments.common import train_small_sae
     from saeengine.eval.modality_record import ModalityTokens, analyze, synthetic_pairs
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     shared, control = synthetic_pairs(shared=True, seed=0), synthetic_pairs(shared=False, seed=0)
     data = ModalityTokens({**shared.layers, **control.layers}, shared.image, shared.pair, shared.caption,
                           {**shared.directions, **control.directions})
     saes = {name: train_small_sae(tokens, d_sae=64, k=2, epochs=20, seed=0) for name, tokens in data.layers.items()}
-    yield data, saes, analyze(data, saes=saes, progress=False)
-    torch.set_num_threads(threads)
+    return data, saes, analyze(data, saes=saes, progress=False)
 
 
 def test_planted_shared_directions_give_shared_latents_and_grounding(synthetic):

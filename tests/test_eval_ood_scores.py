@@ -17,7 +17,7 @@ from saeengine.errors import InputError
 from saeengine.eval.ood import auroc
 from saeengine.eval.ood_scores import DenseScorer, SAEScorer, average_ranks, spearman_rows
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 def identity_sae(d: int) -> SAE:
