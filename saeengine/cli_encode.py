@@ -41,7 +41,10 @@ def add_encode_parser(subparsers) -> None:
                     "rerun the same command after a crash or Ctrl-C to continue it; a finished folder of the same "
                     "SAE and store is reused.",
         epilog=_files_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", required=True, type=Path, help="the trained SAE's checkpoint folder (SAE.save)")
+    p.add_argument("--sae", required=True, type=Path,
+                   help="the trained SAE: a saeengine checkpoint folder (SAE.save), or another "
+                   "library's SAE that SAE.from_pretrained reads (SAELens, sparsify, saev, "
+                   "dictionary_learning, overcomplete; docs/interop.md)")
     p.add_argument("--data", required=True, type=Path, help="the activation store folder (saeengine record)")
     p.add_argument("--out", required=True, type=Path, help="the output folder (new, empty, or an earlier encode's)")
     p.add_argument("--batch-tokens", type=int, default=8192,

@@ -266,10 +266,16 @@ class SAE(nn.Module):
         self.W_dec.grad -= parallel * self.W_dec
 
     # ----- checkpoints ------------------------------------------------------------------
-    def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
+    def save(self, directory: str | Path, provenance: dict | None = None, *, format: str = "saeengine") -> Path:
         """Write ``sae.safetensors`` and ``config.json`` to ``directory`` (atomically each,
         with the weights' SHA-256; a poisoned SAE raises NonFiniteError: see
-        :mod:`saeengine.checkpoint`)."""
+        :mod:`saeengine.checkpoint`). ``format="saelens"`` or ``"sparsify"`` writes that
+        library's layout instead (:mod:`saeengine.interop`; CheckpointError when it
+        cannot hold this SAE exactly)."""
+        if format != "saeengine":
+            from . import interop
+
+            return interop.save(self, directory, format)
         from .checkpoint import save_sae
 
         return save_sae(self, directory, provenance)
@@ -282,3 +288,16 @@ class SAE(nn.Module):
         from .checkpoint import load_sae
 
         return load_sae(directory, device)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, *, format: str = "auto", hookpoint: str | None = None,
+                        device: torch.device | str = "cpu", allow_download: bool = False) -> "SAE":
+        """An SAE saved by saeengine or another library (SAELens, sparsify, saev,
+        dictionary_learning, overcomplete), converted exactly or refused with a
+        CheckpointError naming the file and field: :func:`saeengine.interop.from_pretrained`.
+        ``path_or_repo`` may be a Hugging Face id, read from the local cache only unless
+        ``allow_download=True``."""
+        from . import interop
+
+        return interop.from_pretrained(path_or_repo, format=format, hookpoint=hookpoint, device=device,
+                                       allow_download=allow_download)

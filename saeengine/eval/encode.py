@@ -50,7 +50,8 @@ def encode_store(sae, store, out_dir, *, batch_tokens: int = 8192, top_k: int = 
     """Encode every token of ``store`` with ``sae`` into ``out_dir``; returns its reader.
 
     Args:
-        sae: an SAE, or a checkpoint folder (SAE.save's; then ``sae_dir`` is it).
+        sae: an SAE, or a checkpoint folder (SAE.save's, or another library's that
+            SAE.from_pretrained reads; then ``sae_dir`` is it).
         store: an ActivationStore (finished), or its folder.
         out_dir: the output folder: new, empty, or one this function wrote.
         batch_tokens: tokens per batch, about: batches hold whole images, cut at image
@@ -144,10 +145,10 @@ def _open_sae(sae, sae_dir, device):
         sae_dir = Path(sae)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        sae = SAE.load(sae_dir)
+        sae = SAE.from_pretrained(sae_dir)  # saeengine's checkpoint or another library's (saeengine.interop)
     elif not isinstance(sae, SAE):
         raise InputError(f"sae must be an SAE or its checkpoint folder, got {type(sae).__name__}")
-    if sae_dir is not None and not (Path(sae_dir) / "config.json").is_file():
+    elif sae_dir is not None and not (Path(sae_dir) / "config.json").is_file():
         raise InputError(f"sae_dir {sae_dir} is not an SAE checkpoint folder (no config.json); pass the folder "
                          "that SAE.save wrote, or sae_dir=None")
     try:
