@@ -80,7 +80,8 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=find_packages(include=["saeengine", "saeengine.*"]) + ["saeengine.kernels", "saeengine.data"],
     package_dir={"saeengine.kernels": "kernels"},
-    package_data={"saeengine": ["gpu_validation.json"], "saeengine.data": ["*.tsv"]},
+    package_data={"saeengine": ["gpu_validation.json"], "saeengine.data": ["*.tsv"],
+                  "saeengine.explore": ["static/*.html", "static/*.js", "static/*.css"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,8 +1,9 @@
 """Command line: ``saeengine demo`` (the embedded default job), ``demo-synthetic``, ``train``,
-``record`` (saeengine.cli_record), ``encode`` (saeengine.cli_encode) and ``eval``
-(saeengine.cli_eval). This module builds the parser and dispatches; the commands are in
-saeengine.cli_commands, their options in cli_options, sweeps in cli_sweeps, and how
-failures print in cli_failures.
+``record`` (saeengine.cli_record), ``encode`` (saeengine.cli_encode), ``eval``
+(saeengine.cli_eval), the first paper's tasks ``ood``, ``ontology``, ``steer``, ``attributes``,
+``modality`` and the feature explorer ``explore`` (saeengine.cli_<verb>). This module builds
+the parser and dispatches; the commands are in saeengine.cli_commands, their options in
+cli_options, sweeps in cli_sweeps, and how failures print in cli_failures.
 
 Options come from the fields of the config dataclasses; each field's docstring is its help.
 
@@ -52,6 +53,11 @@ class _Command:
     run: Callable[[argparse.Namespace], int]
     interrupted: Callable[[argparse.Namespace], str]
     any_arguments: bool = False  # the stand-in of a command that cannot load takes any
+
+
+# The papers' evaluation tasks and the feature explorer, each in saeengine/cli_<verb>.py with
+# add_parser(subparsers), run(args) -> exit code and interrupted(args) -> the line printed on Ctrl-C.
+TASK_COMMANDS = ("ood", "ontology", "steer", "attributes", "modality", "explore")
 
 
 def _record_command() -> tuple[Callable, Callable] | ImportError | None:
@@ -141,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     commands["eval"] = _Command(run_eval, interrupted_eval)
+
+    for verb in TASK_COMMANDS:
+        module = importlib.import_module(f"{__package__}.cli_{verb}")
+        module.add_parser(sub)
+        commands[verb] = _Command(module.run, module.interrupted)
 
     for name, command_parser in sub.choices.items():
         _add_debug(command_parser, argparse.SUPPRESS)  # --debug after the command as well

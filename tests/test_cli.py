@@ -262,7 +262,8 @@ def test_train_help_shows_every_field_with_its_real_default(capsys):
 
 def test_every_command_has_help(capsys):
     top = _help(capsys=capsys)
-    for command in ("demo", "demo-synthetic", "train", "record"):
+    for command in ("demo", "demo-synthetic", "train", "record", "encode", "eval", "ood", "ontology", "steer",
+                    "attributes", "modality", "explore"):
         assert command in top
         text = _help(command, capsys=capsys)
         assert f"usage: saeengine {command}" in text and "--debug" in text

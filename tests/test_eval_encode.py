@@ -203,6 +203,20 @@ def test_resume_false_replaces_with_a_warning(tmp_path):
     assert replaced.exemplars("patch")["scores"].shape == (64, 2)
 
 
+def test_explorer_notes_and_cache_survive_a_new_pass(tmp_path):
+    """saeengine explore keeps its notes and cache inside the encode folder; a later pass
+    into that folder neither refuses it as foreign nor deletes them."""
+    store = make_store(tmp_path / "store", 6)
+    encode_store(make_sae(), store, tmp_path / "out", top_k=3, progress=False)
+    (tmp_path / "out" / "explore-notes.json").write_text('{"3": "loops"}')
+    (tmp_path / "out" / "explore-cache").mkdir()
+    (tmp_path / "out" / "explore-cache" / "thumb.png").write_bytes(b"png")
+    with pytest.warns(UserWarning, match="removed; starting over"):
+        encode_store(make_sae(seed=1), store, tmp_path / "out", top_k=2, resume=False, progress=False)
+    assert (tmp_path / "out" / "explore-notes.json").read_text() == '{"3": "loops"}'
+    assert (tmp_path / "out" / "explore-cache" / "thumb.png").read_bytes() == b"png"
+
+
 def fail_in_commit(patched, at_call: int, after_sync: bool) -> None:
     """The ``at_call``-th commit fails: before anything (the batch's rows are written past
     the last commit), or once the code files are synced (a CSR header counts entries that

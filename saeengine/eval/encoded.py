@@ -48,6 +48,7 @@ STATS, EXEMPLARS = "latent_stats.safetensors", "exemplars.safetensors"
 FIXED, CSR = "fixed", "csr"  # the code layouts
 LAYOUT_FILES = {FIXED: (VALUES, INDICES), CSR: (INDPTR, INDICES, VALUES)}
 OWN_FILES = (SUMMARY, RESUME, VALUES, INDICES, INDPTR, SOURCES, STATS, EXEMPLARS, LOCK_FILE)
+EXPLORER_ENTRIES = ("explore-notes.json", "explore-cache")  # saeengine explore's notes and cache: kept
 _TMP = re.compile(r"\.(.+)\.tmp-[0-9a-f]{8}")  # saeengine._atomic's temporary names
 
 HOLDS = {  # what each file holds: summary.json's "holds" and the CLI's --help
@@ -72,7 +73,8 @@ def is_own_entry(name: str) -> bool:
 
 def foreign_entries(directory: Path) -> list[str]:
     """The entries of ``directory`` that an encode pass does not write (sorted)."""
-    return sorted(p.name for p in Path(directory).iterdir() if not is_own_entry(p.name))
+    return sorted(p.name for p in Path(directory).iterdir()
+                  if not is_own_entry(p.name) and p.name not in EXPLORER_ENTRIES)
 
 
 def check_out_dir(out_dir: Path) -> None:
