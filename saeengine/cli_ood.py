@@ -5,9 +5,9 @@ ood_scores.npz and a self-contained report.html (saeengine.eval.ood_run does the
     saeengine ood --sae runs/sae --id-train acts/train/blocks.10 --id-test acts/test/blocks.10 \\
         --near-ood sketch=acts/sketch/blocks.10 --far-ood noise=acts/noise/blocks.10 --out ood-out
 
-Stores (``saeengine record``) are read whole into memory as float32. Labels come from the
-first component of each recorded image path: record a folder with one subfolder per
-class (``train/3/img001.png`` is class "3"). Every ID image needs one; an OOD store is
+Stores (``saeengine record``) are read whole into memory as float32. An image's label is
+the folder that holds it (the last folder of its recorded path): record a folder with one
+subfolder per class (``train/3/img001.png`` is class "3"; a file list works the same way). Every ID image needs one; an OOD store is
 labelled (and then also tests the generalization probes) when every image's subfolder is
 an ID class, and unlabelled otherwise.
 """
@@ -119,7 +119,7 @@ def store_features(path: Path):
     names = []
     for i in uniq:
         parts = Path(paths[int(i)]).parts if int(i) < len(paths) else ()
-        names.append(parts[0] if len(parts) >= 2 else None)
+        names.append(parts[-2] if len(parts) >= 2 and parts[-2] not in ("", ".", "..") else None)
     return x, names, store.meta.layer or "features"
 
 

@@ -299,6 +299,16 @@ def test_store_features_and_folder_labels(stores):
     assert [stores["names"].index(f) for f in folders] == stores["train_y"].tolist()
 
 
+def test_a_label_is_the_folder_holding_the_image(tmp_path):
+    """Paths recorded from a file list keep their leading folders ("../data/3/x.png"): the
+    label is the image's own folder, and an image directly at the top has none."""
+    from saeengine.cli_ood import store_features
+
+    store = _store(tmp_path / "s", np.zeros((4, 1, D), np.float32),
+                   ["../data/cat", "train/dog", "a/b/eel", "."])
+    assert store_features(store)[1] == ["cat", "dog", "eel", None]
+
+
 def test_cli_on_stores(stores, capsys):
     out = stores["tmp"] / "out"
     code = cli.main(_args(stores, out, "--far-ood", f"faces={stores['far']}", "--ood", f"shifted={stores['shift']}"))
