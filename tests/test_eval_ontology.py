@@ -173,6 +173,81 @@ def test_frequency_band_and_too_few_images():
     assert out["latents"]["kept"] == 4 and out["latents"]["too_few_images"] == 16
 
 
+def _brute_top(column: np.ndarray, n: int) -> list[int]:
+    return sorted(range(column.size), key=lambda i: (-float(column[i]), i))[:n]
+
+
+def sparse_neurons(top_n: int = 16):
+    """(hierarchy, sae, features [480, 8], labels) with class-sorted images: neurons 0..3
+    are positive on 3 scattered images each (neuron 0 with a spike of 50, the top
+    principal direction), 4..7 are N(0, 1); the SAE's 8 latents are ReLU(+-x_j) of the
+    dense neurons 4..7 (all kept with max_frequency 1), so the nulls get 8 columns."""
+    h, _, _, labels = planted()
+    rng = np.random.default_rng(5)
+    x = np.zeros((len(labels), 8), dtype=np.float32)
+    for j in range(4):  # hits in three different superclasses, never in the first rows
+        x[[130 + j, 250 + j, 400 + j], j] = 50.0 if j == 0 else 1.0 + j
+    x[:, 4:] = rng.normal(size=(len(labels), 4))
+    sae = SAE(SAEConfig(d_in=8, d_sae=8, architecture="relu", normalization="none"))
+    with torch.no_grad():
+        w = torch.zeros(8, 8)
+        for j in range(4):
+            w[2 * j, 4 + j], w[2 * j + 1, 4 + j] = 1.0, -1.0
+        sae.W_enc.copy_(w)  # [F, d]
+        sae.W_dec.copy_(torch.nn.functional.normalize(w, dim=1))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return h, sae, x, labels
+
+
+def test_null_columns_with_too_few_positives_are_not_measured_on_padding():
+    """The sparse neurons' top 16 would be their 3 hits + the 13 first images (zero score,
+    all class 00): 13/16-pure class-00 columns. They must not be counted; the dense ones
+    are measured exactly as a brute-force sort says."""
+    top_n = 16
+    h, sae, x, labels = sparse_neurons()
+    settings = OntologySettings(top_n=top_n, max_frequency=1.0, nulls=("neurons",))
+    out = layer_ontology(sae, torch.tensor(x), labels, h, settings)
+    assert out["latents"]["kept"] == 8
+    null = out["nulls"]["neurons"]
+    support = (x > 0).sum(0)
+    ok = [j for j in range(8) if support[j] >= top_n]  # the oracle: numpy's count
+    assert ok == [4, 5, 6, 7]
+    assert null["count"] == 8 and null["kept"] == len(ok) == null["n_latents"] and null["too_few_images"] == 4
+    ids = h.ids(labels)
+    tops = [_brute_top(x[:, j], top_n) for j in ok]
+    assert all((x[t, j] > 0).all() for t, j in zip(tops, ok))  # no zero-score padding
+    purity = [max(Counter(ids[t].tolist()).values()) / top_n for t in tops]
+    assert null["mean_purity"] == pytest.approx(np.mean(purity))
+    # what a padded sparse column would have been: mostly class 00 from the first rows
+    padded = _brute_top(x[:, 1], top_n)
+    assert Counter(ids[padded].tolist()).most_common(1)[0][1] == 13 and np.mean(purity) < 13 / 16
+
+
+def test_projection_nulls_keep_only_supported_columns():
+    """random_directions and pca: kept = the columns whose scores are > 0 on >= top_n
+    images, counted by numpy on the score matrix (a null's seed: seed * 1000 + its index
+    in settings.nulls). The spike neuron is the top principal direction: one of its two
+    signs fires on 3 images only."""
+    top_n = 16
+    h, sae, x, labels = sparse_neurons()
+    x = torch.tensor(x)
+    out = layer_ontology(sae, x, labels, h, OntologySettings(top_n=top_n, max_frequency=1.0))
+    k = out["latents"]["kept"]
+    kept = {}
+    for i, name in enumerate(OntologySettings().nulls):
+        if name == "shuffled_labels":
+            continue
+        score, count_ = null_scores(name, x, k, seed=i, chunk=4096)
+        expect = int(((score(x).numpy() > 0).sum(0) >= top_n).sum())
+        null = out["nulls"][name]
+        assert null["count"] == count_ and null["kept"] == expect == null["n_latents"]
+        assert null["too_few_images"] == count_ - expect
+        kept[name] = expect
+    assert kept["pca"] == 7 and kept["neurons"] == 4
+    assert out["nulls"]["shuffled_labels"]["kept"] == out["nulls"]["shuffled_labels"]["count"] == 8
+
+
 # ----- bad inputs ----------------------------------------------------------------------------
 def test_bad_inputs_name_the_problem():
     h, sae, x, labels = planted()

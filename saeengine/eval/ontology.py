@@ -26,8 +26,13 @@ Per layer:
 - the height histogram and mean, of LCH_j and of v_j.
 
 Null baselines, computed the same way on the same images and labels, with as many
-"latents" as the SAE kept (top images by score, no frequency filter: top images depend
-only on the order, and a threshold would change only which nulls pass the filter):
+candidate columns as the SAE kept. A column is kept by the same support rule as a latent
+(a score > 0 on at least ``top_n`` images), so its top images are all real hits: a column
+positive on fewer images would have its top set padded with zero-score images, ties going
+to the earliest rows, and in input sorted by source or class that padding shares a label
+and inflates purity and coverage. The frequency band is not applied to the nulls (a
+ReLU'd direction fires on about half the images; the band would drop every one of them).
+Each null reports ``count`` (candidate columns), ``kept`` and ``too_few_images``:
 - shuffled_labels: the SAE's kept latents and top images, labels permuted over images;
 - random_directions: ReLU(<x - mean, u>) for random unit vectors u;
 - pca: ReLU(<x - mean, +-w>) for the top principal directions w, both signs;
@@ -143,7 +148,11 @@ class TopImages:
 def top_images(score: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, top_n: int,
                chunk: int = 4096) -> TopImages:
     """Per column of ``score(x_chunk)`` ([c, K]), the top_n rows of ``features`` [n, d] by
-    score (ties: the earlier image), with a running merge so [n, K] is never held."""
+    score (ties: the earlier image), with a running merge so [n, K] is never held.
+
+    A column with ``positive[k] < top_n`` has entries past its positives that are NOT hits
+    (score <= 0, filled by the earliest rows among ties): measure only the columns
+    ``supported(top, top_n)`` returns, whose top_n entries all have a score > 0."""
     n = features.shape[0]
     best_v = best_i = None
     positive = None
@@ -158,6 +167,12 @@ def top_images(score: Callable[[torch.Tensor], torch.Tensor], features: torch.Te
         order = torch.sort(s, dim=0, descending=True, stable=True).indices[:top_n]
         best_v, best_i = s.gather(0, order), rows.gather(0, order)
     return TopImages(best_i.T.numpy().astype(np.int64), best_v.T.numpy(), positive.numpy().astype(np.int64), n)
+
+
+def supported(top: TopImages, top_n: int) -> np.ndarray:
+    """int64 [k]: the columns with a score > 0 on at least top_n images (so their top_n
+    images are all hits, never zero-score padding)."""
+    return np.flatnonzero(top.positive >= top_n)
 
 
 def sae_score(sae) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -353,7 +368,8 @@ def layer_ontology(sae, features, labels: Sequence[str] | np.ndarray, hierarchy:
     """One SAE over image-level features [n, d_in] with labels [n] (names in
     ``hierarchy``, or node ids int64 [n]) -> {"n_images", "d_in", "d_sae", "n_labels_seen",
     "latents": {"live", "in_band", "kept", "too_few_images"}, "sae": summarize(...),
-    "nulls": {name: {"count", **summarize(...)}}, "examples": rows, ["per_latent": rows]}."""
+    "nulls": {name: {"count" (candidate columns), "kept" (columns with > 0 on >= top_n
+    images; summarize's n_latents), "too_few_images", **summarize(...)}}, "examples": rows, ["per_latent": rows]}."""
     x = as_features(features)
     n, d = x.shape
     settings.check(n)
@@ -372,7 +388,7 @@ def layer_ontology(sae, features, labels: Sequence[str] | np.ndarray, hierarchy:
     frequency = top.positive / n
     live = top.positive > 0
     in_band = live & (frequency >= settings.min_frequency) & (frequency <= settings.max_frequency)
-    kept = np.flatnonzero(in_band & (top.positive >= settings.top_n))
+    kept = np.intersect1d(np.flatnonzero(in_band), supported(top, settings.top_n))
     top_labels = ids[top.index[kept]]
     measures = latent_measures(top_labels, hierarchy, settings.need)
     attainable = attainable_nodes(hierarchy, ids)
@@ -384,18 +400,23 @@ def layer_ontology(sae, features, labels: Sequence[str] | np.ndarray, hierarchy:
     nulls = {}
     for i, name in enumerate(settings.nulls):
         seed = settings.seed * 1000 + i
-        if name == "shuffled_labels":
+        if name == "shuffled_labels":  # the SAE's kept latents: already supported
             perm = np.random.default_rng(seed).permutation(n)
             null = latent_measures(ids[perm][top.index[kept]], hierarchy, settings.need)
-            n_null = int(kept.size)
+            n_null = n_kept = int(kept.size)
         elif kept.size == 0:
-            null, n_null = latent_measures(np.zeros((0, settings.top_n), dtype=np.int64), hierarchy,
-                                           settings.need), 0
+            null, n_null, n_kept = latent_measures(np.zeros((0, settings.top_n), dtype=np.int64), hierarchy,
+                                                   settings.need), 0, 0
         else:
             score, n_null = null_scores(name, x, int(kept.size), seed, settings.chunk)
             null_top = top_images(score, x, settings.top_n, settings.chunk)
-            null = latent_measures(ids[null_top.index], hierarchy, settings.need)
-        nulls[name] = {"count": n_null, **summarize(null, hierarchy, attainable, bands)}
+            # the latents' support rule: a column with fewer than top_n positives would be
+            # measured on zero-score padding (the earliest rows), not on what it fires on
+            ok = supported(null_top, settings.top_n)
+            null = latent_measures(ids[null_top.index[ok]], hierarchy, settings.need)
+            n_kept = int(ok.size)
+        nulls[name] = {"count": n_null, "kept": n_kept, "too_few_images": n_null - n_kept,
+                       **summarize(null, hierarchy, attainable, bands)}
         steps.update()
     steps.close()
     result["nulls"] = nulls

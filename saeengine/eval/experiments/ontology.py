@@ -24,8 +24,8 @@ Steps (all draws from ``seed``):
    classes (saeengine.eval.wordnet), with the null baselines.
 
 Run: ``python -m saeengine.eval.experiments.ontology --size full --threads 1 --out
-benchmarks/results/2026-12-01-ontology-smoke.json`` (592 s wall on a shared 2-core machine where it
-got ~40% of a core: about 4 minutes of one idle thread), then
+benchmarks/results/2026-12-01-ontology-smoke.json`` (318 s wall on the shared 2-core machine, 1
+thread), then
 ``python -m saeengine.eval.ontology_report benchmarks/results/2026-12-01-ontology-smoke.json`` for the
 HTML page; or ``saeengine ontology --offline --size full --out DIR`` for both at once.
 """
