@@ -234,6 +234,147 @@ def test_sdxl_encoders_are_steered_independently(sdxl):
     assert not np.array_equal(images, gen2.generate(PROMPTS, SEEDS))
 
 
+def test_sdxl_refuses_a_layer_after_the_embedding_it_reads(sdxl):
+    """SDXL reads hidden_states[-2]: a hook on the last block of text_encoder is invisible to
+    the UNet (refused); on text_encoder_2 it moves only the pooled embedding (a warning)."""
+    d1, d2 = _direction(32, seed=7), _direction(48, seed=8)
+    # the trap itself, seen by transformers' own record: the last block's edit leaves hidden_states[-2] as is
+    ids = _ids(sdxl)["input_ids"]
+    with torch.no_grad():
+        plain = sdxl.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        with steer_layer(sdxl.text_encoder, -1, SteeringEdit(d1, 3.0)):
+            steered = sdxl.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(steered, plain)
+    for layer in (-1, 2):  # the last of the 3 blocks, from the end and from the start
+        with pytest.raises(InputError, match=rf"layer={layer} .*hidden_states\[-2\].*use --layer -2 or earlier"):
+            _generator(sdxl, layer=layer)
+    with pytest.warns(UserWarning, match="only the pooled embedding"):
+        gen2 = _generator(sdxl, layer=-1, encoder="text_encoder_2")
+    base = gen2.encode(PROMPTS)
+    with pytest.warns(UserWarning, match="only the pooled embedding"):
+        moved = gen2.encode(PROMPTS, {"text_encoder_2": SteeringEdit(d2, 3.0)})
+    assert torch.equal(moved.prompt_embeds, base.prompt_embeds)  # the token embedding, bit for bit
+    assert float((moved.pooled_prompt_embeds - base.pooled_prompt_embeds).abs().max()) > 1e-3
+    # an edit of text_encoder through generate_edits is checked too
+    with pytest.raises(InputError, match="use --layer -2 or earlier"):
+        gen2.encode(PROMPTS, {"text_encoder": SteeringEdit(d1, 3.0)})
+    # layer -2 (SDXL's own embedding) and earlier do change the token embeds
+    for layer in (-2, -3):
+        gen = _generator(sdxl, layer=layer)
+        plain, steered = gen.encode(PROMPTS), gen.encode(PROMPTS, {"text_encoder": SteeringEdit(d1, 3.0)})
+        assert float((steered.prompt_embeds[..., :32] - plain.prompt_embeds[..., :32]).abs().max()) > 1e-3
+
+
+def test_sd_last_layer_reaches_the_embedding(sd):
+    """Stable Diffusion reads the last hidden state, after the final LayerNorm: layer -1 counts.
+    Oracle: the final LayerNorm of transformers' record of the last block plus alpha * d."""
+    d, alpha = _direction(32, seed=9), 2.0
+    gen = _generator(sd, layer=-1)
+    steered = gen.encode(PROMPTS, {"text_encoder": SteeringEdit(d, alpha)}).prompt_embeds
+    with torch.no_grad():
+        last = sd.text_encoder(_ids(sd)["input_ids"], output_hidden_states=True).hidden_states[-1]
+        oracle = sd.text_encoder.text_model.final_layer_norm(last + alpha * d) \
+            if hasattr(sd.text_encoder, "text_model") else sd.text_encoder.final_layer_norm(last + alpha * d)
+    torch.testing.assert_close(steered, oracle, atol=1e-5, rtol=1e-5)
+    assert float((steered - gen.encode(PROMPTS).prompt_embeds).abs().max()) > 1e-2
+
+
+# ----- a planted direction: recovered, and steering along it raises a readout (spec §2.8) -----
+class _Planted(torch.nn.Module):
+    """A text-encoder block whose output gets a planted sparse component: strength * mag_t * u
+    on about a fifth of the positions, picked (and mag_t in 0.25 .. 1.75 chosen) by a hash of
+    the whole prompt's ids and the position, so independent of the token at that position."""
+
+    def __init__(self, block, u: torch.Tensor, strength: float):
+        super().__init__()
+        self.block, self.u, self.strength, self.ids = block, u, strength, None
+
+    @staticmethod
+    def positions(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, T] -> (planted [B, T] bool, mag [B, T] float32)."""
+        pos = torch.arange(ids.shape[1])
+        key = (ids * (pos + 1)).sum(1, keepdim=True) * 7 + 13 * pos
+        return key % 5 == 0, 0.25 + (key % 7).float() / 4
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        planted, mag = self.positions(self.ids)
+        hidden = hidden + (self.strength * mag * planted)[..., None] * self.u
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def test_a_planted_direction_is_recovered_and_steering_along_it_raises_a_readout(sd):
+    import copy
+    import random
+
+    from diffusers import StableDiffusionPipeline
+    from sklearn.linear_model import LogisticRegression
+
+    from saeengine.steer.hooks import encoder_blocks
+    from saeengine.steer.train import train_prompt_sae
+
+    enc = copy.deepcopy(sd.text_encoder)  # the module fixture stays as it is
+    blocks = encoder_blocks(enc)
+    u = _direction(32, seed=10, norm=1.0)
+    planted = _Planted(blocks[-2], u, strength=0.0)
+    blocks[-2] = planted
+
+    def grab_ids(module, args, kwargs):
+        planted.ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+
+    enc.register_forward_pre_hook(grab_ids, with_kwargs=True)
+    gen = PipelineGenerator(StableDiffusionPipeline(**{**sd.components, "text_encoder": enc}), layer=-2,
+                            steps=STEPS, size=32)
+    rng = random.Random(0)
+    words = ["cat", "dog", "mat", "red", "the", "a", "on", "tree", "car", "man", "sky", "blue", "big"]
+    corpus = [" ".join(rng.sample(words, rng.randint(2, 4))) for _ in range(48)]
+    planted.strength = 3.0 * float(gen.layer_tokens(corpus).norm(dim=1).mean())  # 3 x the tokens' mean norm
+
+    # recovered: a decoder row, in raw space, along u (a random direction in 32-d: |cos| ~ 0.18 by chance)
+    fit = train_prompt_sae(gen, corpus, d_sae=16, k=1, epochs=150, seed=0)
+    rows = torch.stack([latent_direction(fit.sae, j, 1.0) for j in range(16)])
+    cos = rows @ u / rows.norm(dim=1)
+    j = int(cos.argmax())
+    assert float(cos[j]) > 0.9, cos
+    direction = latent_direction(fit.sae, j, float(fit.maxima[j]))
+
+    # readout at the final embedding: a logistic probe (scikit-learn) for "planted here", fitted
+    # on the unsteered corpus's valid tokens
+    tok = sd.tokenizer
+    inputs = tok(corpus, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                 return_tensors="pt")
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        final = enc(inputs["input_ids"])[0]
+    labels = _Planted.positions(inputs["input_ids"])[0][valid].numpy()
+    probe = LogisticRegression(max_iter=2000).fit(final[valid].numpy(), labels)
+    assert probe.score(final[valid].numpy(), labels) > 0.95
+
+    prompts = ["a cat on the mat", "the red car", "a big blue sky"]
+    mask = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt")["attention_mask"].bool()
+    seen: list = []  # the steered block's output after the edit (steer_layer's hook runs first)
+    handle = planted.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o)))
+    layer_readout, logits = {}, {}
+    try:
+        for alpha in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0):
+            seen.clear()
+            embeds = gen.encode(prompts, {"text_encoder": gen.edit(direction, alpha)} if alpha else None)
+            layer_readout[alpha] = float((seen[0][mask] @ u).mean())
+            logits[alpha] = float(probe.decision_function(embeds.prompt_embeds[mask].numpy()).mean())
+    finally:
+        handle.remove()
+    # at the steered layer: the projection on u rises by alpha * (m_j d_j . u), monotone in alpha
+    for alpha in (1.0, 2.0, 4.0):
+        assert math.isclose(layer_readout[alpha] - layer_readout[0.0], alpha * float(direction @ u), rel_tol=1e-4)
+    assert layer_readout[0.0] < layer_readout[1.0] < layer_readout[2.0] < layer_readout[4.0]
+    # at the embedding: the probe's logit rises monotonically up to alpha = 1 (m_j, the latent's
+    # largest firing) and beyond it stays on the planted side (the final LayerNorm saturates it)
+    assert logits[0.0] < 0 and logits[0.0] < logits[0.25] < logits[0.5] < logits[1.0], logits
+    assert min(logits[2.0], logits[4.0]) > 0, logits
+
+
 # ----- recording, directions, the SAE -------------------------------------------------------
 def test_layer_tokens_are_the_valid_tokens_of_the_block(sd):
     from saeengine.backbones import TextEncoderBackbone

@@ -11,6 +11,14 @@ The embeddings, as the pipelines make them (checked against their own encode_pro
   LayerNorm), concatenated along the width (encoder 1 first), and the pooled, projected
   embedding of the second encoder (its last block, final LayerNorm and projection).
 
+What a steered SDXL layer reaches: hidden_states[-2] is the output of block n - 2 (of n), so
+a later block (layer -1) is after the token embedding. On text_encoder (no pooled output)
+steering it changes nothing the UNet sees: refused (InputError). On text_encoder_2 it changes
+only the pooled embedding (the last block feeds the final LayerNorm and the projection at
+the end-of-text token), the token embedding not at all: allowed, with a UserWarning.
+Stable Diffusion reads the last hidden state (after every block and the final LayerNorm):
+every layer reaches the embedding.
+
 CFG branches (``cfg``):
 - "cond": only the conditional (prompt) embedding is steered;
 - "both": the unconditional (negative prompt) embedding gets the same edit, +alpha [P];
@@ -27,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +46,7 @@ import torch
 from ..errors import InputError
 from ..eval._args import count
 from .generator import check_alpha, check_latent
-from .hooks import WHERE, SteeringEdit, resolve_layer, steer_layer
+from .hooks import WHERE, SteeringEdit, encoder_blocks, resolve_layer, steer_layer
 
 CFG_MODES = ("cond", "both", "opposite")
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -76,6 +86,8 @@ class PipelineGenerator:
     Args:
         pipe: a StableDiffusionPipeline or StableDiffusionXLPipeline.
         layer: the steered block of the encoder (-2: the penultimate block's output).
+            SDXL: -2 or earlier (a later block is after the embedding SDXL reads; see
+            this module's docstring).
         encoder: which encoder :meth:`generate` steers: "text_encoder" or, in SDXL,
             "text_encoder_2"; ``width`` is its hidden size.
         where: "all" | "valid" | "active" (saeengine.steer.hooks).
@@ -104,9 +116,11 @@ class PipelineGenerator:
         if cfg not in CFG_MODES:
             raise InputError(f"cfg={cfg!r}: choose one of {', '.join(CFG_MODES)}")
         self.encoder, self.where, self.cfg = encoder, where, cfg
-        for model in self.encoders.values():
-            resolve_layer(model, layer)
+        # only the steered encoder's range is checked here: SDXL's encoders differ in depth
+        # (12 and 32 blocks), and an edit of the other one is checked when it is made
+        resolve_layer(self.encoders[encoder], layer)
         self.layer = int(layer)
+        self._check_reach(encoder)
         self.width = int(self.encoders[encoder].config.hidden_size)
         self.sae, self.latent = None, None
         self._set_sae(sae, latent)
@@ -149,6 +163,28 @@ class PipelineGenerator:
         other._set_sae(sae if sae is not None else self.sae, latent)
         return other
 
+    def _check_reach(self, name: str) -> None:
+        """Whether steering ``layer`` of encoder ``name`` reaches what the pipeline reads
+        (this module's docstring): InputError for an SDXL layer after the token embedding's
+        block on an encoder without a pooled output, a UserWarning on the pooled encoder."""
+        model = self.encoders[name]
+        index = resolve_layer(model, self.layer)
+        n = len(encoder_blocks(model))
+        read = n - 2  # hidden_states[-2]: hidden_states[0] is the embedding layer, [i + 1] block i
+        if self.kind != "sdxl" or index <= read:
+            return
+        where = f"layer={self.layer} (block {index} of {name}'s blocks 0 .. {n - 1})"
+        fix = f"use --layer -2 or earlier (block {read}, or any block before it)"
+        if not hasattr(model, "text_projection"):  # no pooled output: nothing downstream of the block
+            raise InputError(f"{where} comes after block {read}, whose output (hidden_states[-2]) SDXL reads as "
+                             f"{name}'s prompt embedding: steering it changes nothing the UNet sees, and every "
+                             f"image would equal the unsteered one; {fix}")
+        warnings.warn(f"{where} comes after block {read}, whose output (hidden_states[-2]) SDXL reads as {name}'s "
+                      "token embedding: steering it leaves the token embedding unchanged and moves only the pooled "
+                      "embedding (final LayerNorm and projection at the end-of-text token; where='active'/'valid' "
+                      f"reach it only when that token is edited); to steer the token embedding, {fix}",
+                      UserWarning, stacklevel=3)
+
     def widths(self) -> dict[str, int]:
         """{encoder name: its hidden size} (SDXL's two encoders differ)."""
         return {name: int(model.config.hidden_size) for name, model in self.encoders.items()}
@@ -164,6 +200,7 @@ class PipelineGenerator:
         for name, edit in edits.items():
             if name not in self.encoders:
                 raise InputError(f"an edit for {name!r}: this pipeline's text encoders are {', '.join(self.encoders)}")
+            self._check_reach(name)
             if edit.width != self.widths()[name]:
                 raise InputError(f"the direction for {name} has width {edit.width} but {name} block {self.layer} "
                                  f"has width {self.widths()[name]}; use an SAE trained on that encoder and layer")
@@ -177,7 +214,10 @@ class PipelineGenerator:
             inputs = self._tokenize(name, prompts)
             device = next(model.parameters()).device
             ids = inputs["input_ids"].to(device)
-            with steer_layer(model, self.layer, edits.get(name), token_mask=inputs["attention_mask"]):
+            # an encoder without an edit runs as it is (no hook: its depth may not have this layer)
+            hooked = steer_layer(model, self.layer, edits[name], token_mask=inputs["attention_mask"]) \
+                if name in edits else nullcontext()
+            with hooked:
                 if self.kind == "sd":
                     use_mask = getattr(model.config, "use_attention_mask", False)
                     mask = inputs["attention_mask"].to(device) if use_mask else None
