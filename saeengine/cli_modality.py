@@ -1,5 +1,6 @@
 """``saeengine modality``: shared vision-language latents of a LLaVA-style model, per layer
-(saeengine.eval.modality_record does the work; definitions in docs/modality.md).
+(saeengine.eval.modality_record records, modality_layers measures, modality_synthetic is the
+planted demo; definitions in docs/modality.md).
 
     saeengine modality --model llava-dir --pairs pairs.jsonl --layers 4,8 --out runs/modality
     saeengine modality --synthetic --out runs/modality-demo
@@ -124,7 +125,9 @@ def sae_for(folder: Path, layer: str, n_layers: int):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``saeengine modality``; prints a line per layer and the files written."""
-    from .eval.modality_record import analyze, examples_from_pairs, load_llava, read_pairs, record_pairs, synthetic_demo
+    from .eval.modality_layers import analyze
+    from .eval.modality_record import examples_from_pairs, load_llava, read_pairs, record_pairs
+    from .eval.modality_synthetic import synthetic_demo
     from .eval.modality_report import write_outputs
     from .errors import InputError
 

@@ -1,5 +1,5 @@
-"""Shared vision-language latents (saeengine.eval.modality, modality_record, modality_report,
-``saeengine modality``): the bookkeeping against brute force on random codes, the
+"""Shared vision-language latents (saeengine.eval.modality, modality_record, modality_layers,
+modality_synthetic, modality_report, ``saeengine modality``): the bookkeeping against brute force on random codes, the
 planted-direction synthetic pairs against their disjoint control, the recording of a tiny
 random LLaVA against its own hidden states, the command line end to end, and bad input."""
 
@@ -174,7 +174,8 @@ def test_bookkeeping_refuses_bad_codes_and_kinds():
 @pytest.fixture(scope="module")
 def synthetic():
     from saeengine.eval.experiments.common import train_small_sae
-    from saeengine.eval.modality_record import ModalityTokens, analyze, synthetic_pairs
+    from saeengine.eval.modality_layers import ModalityTokens, analyze
+    from saeengine.eval.modality_synthetic import synthetic_pairs
 
     shared, control = synthetic_pairs(shared=True, seed=0), synthetic_pairs(shared=False, seed=0)
     data = ModalityTokens({**shared.layers, **control.layers}, shared.image, shared.pair, shared.caption,
@@ -220,7 +221,8 @@ def caption_ids(texts):
 
 
 def test_recording_labels_and_records_the_residual_stream(tmp_path):
-    from saeengine.eval.modality_record import analyze, examples_from_ids, record_pairs
+    from saeengine.eval.modality_layers import analyze
+    from saeengine.eval.modality_record import examples_from_ids, record_pairs
 
     model = tiny_llava(n_layers=3)
     captions = caption_ids(CAPTIONS)
