@@ -7,7 +7,11 @@ The entry points (each module documents its own; docs/eval-*.md give the formula
 (exemplars.py), ``discover`` (discovery.py), ``intervene`` (interventions.py),
 ``downstream_metrics`` (downstream.py), ``LinearProbe`` / ``fit_probe`` (probes.py),
 ``sparse_probing.sparse_probing``, ``mean_iou`` (segmentation_metrics.py),
-``nearest_latent`` / ``concept_f1`` (comparison.py). They load on first use.
+``nearest_latent`` / ``concept_f1`` (comparison.py); the first paper's tasks: ``auroc`` /
+``ood_metrics`` (ood.py), ``SAEScorer`` / ``DenseScorer`` (ood_scores.py), ``run_ood``
+(ood_run.py), ``Hierarchy`` (hierarchy.py), ``imagenet_hierarchy`` (wordnet.py),
+``discover_attributes`` (attributes.py); modality.py, modality_layers.py, ontology.py. They
+load on first use.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ _WHERE = {
     "fit_probe": "probes", "fit_patch_probe": "probes",
     "mean_iou": "segmentation_metrics", "nearest_latent": "comparison", "concept_f1": "comparison",
     "TokenBatch": "batch", "code_pairs": "batch",
+    "auroc": "ood", "fpr_at_tpr": "ood", "ood_metrics": "ood", "roc_points": "ood",
+    "SAEScorer": "ood_scores", "DenseScorer": "ood_scores", "run_ood": "ood_run",
+    "Hierarchy": "hierarchy", "imagenet_hierarchy": "wordnet", "discover_attributes": "attributes",
 }
 __all__ = sorted(_WHERE)
 
