@@ -166,14 +166,15 @@ def host_syncs(fn) -> int | str:
 def implementations_here(op: str, device: torch.device) -> list[str]:
     """The implementations of ``op`` that run on ``device``, as result columns and backend=
     arguments: by family ("torch", "triton", "cuda"), which the SAE's backend= takes too and
-    which names the same columns in every result file; by name where a family has several."""
+    which names the same columns in every result file; by name where a family has several
+    (the reference keeps "torch": backend="torch" names it, and older files call it so)."""
     from saeengine.backends import IMPLEMENTATIONS, implementation
 
     families = [impl.family for impl in IMPLEMENTATIONS[op]]
     labels = []
     for name in saeengine.available_backends(op, device):
         family = implementation(op, name).family
-        labels.append(family if families.count(family) == 1 else name)
+        labels.append("torch" if name == "reference" else family if families.count(family) == 1 else name)
     return labels
 
 

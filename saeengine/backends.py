@@ -10,10 +10,12 @@ How a name is resolved (README.md, "Backends", lists the names and the variables
 - ``backend="auto"`` (default): ``SAEENGINE_BACKEND`` replaces it when set (for the ops
   that have that name); otherwise the first implementation that can run here and whose
   current sources passed the GPU tests (:mod:`saeengine.validation`) is used. CPU tensors
-  always get ``"reference"``. What auto passes over is logged once per reason.
+  get the first torch implementation that can run the call: ``"cpu"`` where the op has
+  one (torch ops with the sparse backward), else ``"reference"``. What auto passes over
+  is logged once per reason.
 - An implementation name (``"fused"``, ``"chunked"``, ``"radix"``, ...) or a family name
-  (``"torch"`` = ``"reference"``; ``"triton"``; ``"cuda"``: the op's implementation in that
-  language) is an explicit choice: if it cannot run, or cannot honour a flag the call asks
+  (``"torch"`` = ``"reference"``, the oracle; ``"triton"``; ``"cuda"``: the op's
+  implementation in that language) is an explicit choice: if it cannot run, or cannot honour a flag the call asks
   for, :class:`BackendUnavailableError` says why. Explicit choices skip the validation gate.
 - Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 
@@ -50,7 +52,8 @@ class Implementation:
 
     op, name: e.g. ("topk_encode", "fused"). family: "torch", "triton" or "cuda" (what the
     family names select). needs: "triton" (the package, and CUDA tensors or the
-    interpreter), "extension" (saeengine._C), "cuda" (CUDA tensors). flags: the optional
+    interpreter), "extension" (saeengine._C), "cuda" (CUDA tensors), "cpu" (CPU
+    tensors). flags: the optional
     flags of :data:`FLAGS` it honours. max_k: the largest k it selects (None: any).
     float64: whether it takes float64 inputs. sources: repository paths whose content
     the GPU validation record is keyed on (empty for pure torch code, which needs none).
@@ -90,6 +93,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
         _impl("topk_encode", "chunked", "cuda", needs=("triton",), sources=(
             "saeengine/ops/topk_encode/chunked.py", "saeengine/ops/topk_encode/autograd.py",
             *_SEGMENT_SUM, *_KERNELS)),
+        # torch ops: row blocks of the GEMM, a two-level top-k, the sparse backward (CPU only).
+        _impl("topk_encode", "cpu", "torch", needs=("cpu",), flags=("sparse_grad",)),
         _impl("topk_encode", "reference", "torch", flags=("sparse_grad",)),
     ),
     "sparse_decode": (
@@ -98,6 +103,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
         # Its backward is dense (torch.library autograd) and it reads a compute-dtype copy.
         _impl("sparse_decode", "cuda", "cuda", needs=("extension", "cuda"), flags=(), float64=False, sources=(
             "csrc/sparse_decode.cu", "csrc/sparse_decode_op.cpp", "saeengine/ops/_cuda_ops.py", *_CSRC)),
+        # embedding_bag + the sparse backward in torch ops (CPU only).
+        _impl("sparse_decode", "cpu", "torch", needs=("cpu",), flags=("sparse_grad",)),
         _impl("sparse_decode", "reference", "torch", flags=("sparse_grad",)),
     ),
     "topk_select": (
@@ -171,6 +178,8 @@ def _need_problem(need: str, device: torch.device) -> str:
         return "" if loaded else reason
     if need == "cuda":
         return "" if device.type == "cuda" else f"it needs CUDA tensors (got {device})"
+    if need == "cpu":
+        return "" if device.type == "cpu" else f"it runs on CPU tensors (got {device})"
     raise AssertionError(need)
 
 
@@ -225,6 +234,8 @@ def _requested(requested: str, op: str) -> str:
 def _name_for(requested: str, op: str) -> str | None:
     if requested in names(op):
         return requested
+    if requested == "torch":  # the family names the reference, the oracle (every op has one)
+        return "reference"
     if requested in FAMILIES:
         family = [impl.name for impl in _implementations(op) if impl.family == requested]
         if family:
@@ -259,11 +270,16 @@ def choose(requested: str, op: str, device: torch.device | str, *, k: int | None
             raise BackendUnavailableError(f"{op}: implementation {name!r} is unavailable: {reason}")
         return impl
     if device.type != "cuda":  # the interpreter is a testing tool, far slower than torch on CPU
+        for impl in _implementations(op):
+            if impl.family == "torch" and not unavailable_reason(impl, device, k=k, dtype=dtype, flags=flags):
+                return impl
         return implementation(op, "reference")
     from saeengine.validation import cached_validation_problem as validation_problem
 
     order = [implementation(op, n) for n in candidates] if candidates is not None else list(_implementations(op))
     for impl in order:
+        if "cpu" in impl.needs:  # a CPU implementation: not a candidate on a GPU
+            continue
         reason = unavailable_reason(impl, device, k=k, dtype=dtype, flags=flags) or validation_problem(impl)
         if not reason:
             return impl

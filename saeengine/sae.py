@@ -202,7 +202,7 @@ class SAE(nn.Module):
             k: overrides cfg.k for this call (k annealing in the trainer; architectures
                 with ``selects_k``), in [1, d_sae].
             sparse_grad: W_enc's and W_dec's gradients become sparse COO tensors of the
-                chosen latents' rows on the GPU paths of the sparse codes (for
+                chosen latents' rows on the GPU and CPU paths of the sparse codes (for
                 RowSparseAdam; no [d_sae, d_in] gradient buffers). Dense codes give
                 dense gradients.
             weight_copies: under mixed precision, True gives the GPU kernels one

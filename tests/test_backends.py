@@ -25,10 +25,23 @@ def fake_gpu(monkeypatch):
     return monkeypatch
 
 
-def test_auto_on_cpu_is_the_reference(monkeypatch):
+def test_auto_on_cpu_is_the_cpu_implementation_else_the_reference(monkeypatch):
     monkeypatch.delenv("SAEENGINE_BACKEND", raising=False)
     for op in backends.IMPLEMENTATIONS:
-        assert resolve_backend("auto", op, CPU) == "reference"
+        expected = "cpu" if op in ("topk_encode", "sparse_decode") else "reference"
+        assert resolve_backend("auto", op, CPU) == expected
+        assert resolve_backend("torch", op, CPU) == "reference"  # the family names the oracle
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is for tests: auto stays on torch
+    assert resolve_backend("auto", "topk_encode", CPU) == "cpu"
+
+
+def test_the_cpu_implementations_run_on_cpu_tensors_only(fake_gpu):
+    fake_gpu.setattr(validation, "cached_validation_problem", lambda impl: "")
+    with pytest.raises(BackendUnavailableError, match="runs on CPU tensors"):
+        resolve_backend("cpu", "topk_encode", CUDA)
+    assert resolve_backend("auto", "topk_encode", CUDA) == "fused"
+    fake_gpu.setattr(backends, "_triton_import_problem", lambda: "triton is not installed (test)")
+    assert resolve_backend("auto", "sparse_decode", CUDA, flags=("sparse_grad",)) == "reference"
 
 
 def test_families_name_each_ops_implementation_in_that_language(monkeypatch):
@@ -59,7 +72,7 @@ def test_env_override_applies_to_auto_only_and_to_the_ops_that_have_the_name(mon
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SAEENGINE_BACKEND", "fused")
     assert resolve_backend("auto", "topk_encode", CPU) == "fused"
-    assert resolve_backend("auto", "sparse_decode", CPU) == "reference"  # no "fused" decoder: automatic
+    assert resolve_backend("auto", "sparse_decode", CPU) == "cpu"  # no "fused" decoder: automatic
     assert resolve_backend("torch", "topk_encode", CPU) == "reference"  # an explicit argument wins
     monkeypatch.setenv("SAEENGINE_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError):  # an override is explicit: it raises
@@ -126,9 +139,9 @@ def test_auto_falls_back_when_nothing_is_built(fake_gpu, caplog):
 
 def test_available_backends_lists_what_runs_here(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert backends.available_backends("topk_encode", "cpu") == ["reference"]
+    assert backends.available_backends("topk_encode", "cpu") == ["cpu", "reference"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backends.available_backends("topk_encode", "cpu") == ["fused", "chunked", "reference"]
+    assert backends.available_backends("topk_encode", "cpu") == ["fused", "chunked", "cpu", "reference"]
 
 
 def test_functional_ops_honour_backend_argument(monkeypatch):

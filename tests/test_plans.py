@@ -29,20 +29,27 @@ def _needs_gpu(plan) -> bool:
 def _validates(plan) -> list[str]:
     """The implementation keys a GPU run of ``plan`` validates."""
     if isinstance(plan, SparseDecodePlan):
-        return [] if plan.implementation == "reference" else [f"sparse_decode/{plan.implementation}"]
+        return [] if plan.implementation in ("reference", "cpu") else [f"sparse_decode/{plan.implementation}"]
     parts = {f"topk_encode/{name}" for name in (plan.main, plan.auxk) if name in ("fused", "chunked")}
     return sorted(parts | {f"topk_select/{s}" for s in (plan.main_select, plan.auxk_select) if s == "radix"})
 
 
+def _on_cpu_only(plan) -> bool:
+    """A plan of the "cpu" implementations: it runs on CPU tensors, GPU or not."""
+    return (plan.implementation if isinstance(plan, SparseDecodePlan) else plan.main) == "cpu"
+
+
 def _params(plans):
-    """One test per plan: on the GPU when there is one (every plan), else on CPU under the
-    interpreter (the plans whose parts all run there; the others skip with a reason)."""
+    """One test per plan: on the GPU when there is one (every plan but the "cpu" ones),
+    else on CPU under the interpreter (the plans whose parts all run there; the others
+    skip with a reason)."""
     params = []
     for plan in sorted(plans, key=str):
         marks = [pytest.mark.validates(*keys)] if (keys := _validates(plan)) else []
         if _needs_gpu(plan):
             marks.append(requires_gpu)
-        params.append(pytest.param(plan, torch.device("cuda" if HAS_CUDA else "cpu"), marks=marks, id=str(plan)))
+        device = torch.device("cuda" if HAS_CUDA and not _on_cpu_only(plan) else "cpu")
+        params.append(pytest.param(plan, device, marks=marks, id=str(plan)))
     return params
 
 
@@ -53,10 +60,12 @@ DECODE_GPU = [p for p in DECODE_PLANS if _needs_gpu(p)]
 def test_the_plan_space_reaches_every_implementation_and_refuses_what_cannot_run():
     mains = {p.main for p in ENCODE_PLANS}
     auxks = {p.auxk for p in ENCODE_PLANS}
-    assert mains == {"reference", "fused", "chunked"}
-    assert auxks == {None, "reference", "fused", "chunked", "dense"}
+    assert mains == {"reference", "cpu", "fused", "chunked"}
+    assert auxks == {None, "reference", "cpu", "fused", "chunked", "dense"}
     assert {p.weight_read for p in ENCODE_PLANS} == {"as-is", "copy", "master"}
-    assert {p.implementation for p in DECODE_PLANS} == {"reference", "triton", "cuda"}
+    assert {p.implementation for p in DECODE_PLANS} == {"reference", "cpu", "triton", "cuda"}
+    # the cpu implementations reach no GPU environment and never read master weights
+    assert {p.weight_read for p in ENCODE_PLANS if p.main == "cpu"} <= {"as-is", "copy"}
     assert SELECT_PLANS == {"reference", "radix"}
     # the cuda decoder never carries a sparse gradient: no plan pairs them
     assert not any(p.implementation == "cuda" and p.sparse_grad for p in DECODE_PLANS)
@@ -79,11 +88,16 @@ def test_named_implementations_that_cannot_honour_a_flag_raise():
         ops.topk_select(torch.randn(2, 20), 3, backend="triton")
 
 
-def test_auto_plan_on_cpu_is_the_reference_and_prints_every_part():
+def test_auto_plan_on_cpu_is_the_cpu_implementation_and_prints_every_part():
     plan = plan_topk_encode("auto", "cpu", dtype=torch.float32, k=4, k_aux=3, n_subset=10, needs_grad=True)
-    assert (plan.main, plan.auxk, plan.backward) == ("reference", "reference", "autograd")
-    assert str(plan) == ("topk_encode(main=reference, auxk=reference, backward=autograd, weights=as-is, "
+    assert (plan.main, plan.auxk, plan.backward) == ("cpu", "cpu", "segment-sum")
+    assert str(plan) == ("topk_encode(main=cpu, auxk=cpu, backward=segment-sum, weights=as-is, "
                          "sparse_grad=False)")
+    # an SAE (which decodes too) runs a narrow subset's AuxK code densely, as on a GPU
+    assert plan_topk_encode("auto", "cpu", dtype=torch.float32, k=4, k_aux=3, n_subset=10, needs_grad=True,
+                            allow_dense_auxk=True).auxk == "dense"
+    torch_plan = plan_topk_encode("torch", "cpu", dtype=torch.float32, k=4, k_aux=3, n_subset=10, needs_grad=True)
+    assert (torch_plan.main, torch_plan.backward) == ("reference", "autograd")  # the oracle, by its family
 
 
 def _encode_inputs(plan, device):

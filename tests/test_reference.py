@@ -87,7 +87,8 @@ def test_auxk_matches_formula(n_dead):
     va, pos = pre[:, dead_ids].topk(min(k_aux, n_dead), dim=1)
     ia = dead_ids[pos]
     assert torch.equal(out.code.aux.indices.sort(1).values, ia.sort(1).values)
-    listed = ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, b_pre=sae.b_dec, dead_latents=dead_ids, k_aux=k_aux)
+    listed = ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, b_pre=sae.b_dec, dead_latents=dead_ids, k_aux=k_aux,
+                           backend="torch")
     assert torch.equal(listed.aux.indices, out.code.aux.indices)  # the list instead of the mask: same code
     e_hat = decode64(va, ia, sae.W_dec)
     var = ((x.double() - x.double().mean(0)) ** 2).sum()

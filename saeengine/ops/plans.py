@@ -52,6 +52,8 @@ def simulated(env: Environment):
             return "" if device.type == "cuda" or env.interpreting else "triton kernels need CUDA tensors (simulated)"
         if need == "extension":
             return "" if env.extension else "saeengine._C is not built (simulated)"
+        if need == "cpu":
+            return "" if device.type == "cpu" else "it runs on CPU tensors (simulated)"
         return "" if device.type == "cuda" else "it needs CUDA tensors (simulated)"
 
     validation = (lambda impl: "") if env.validated else (

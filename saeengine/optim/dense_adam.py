@@ -15,15 +15,21 @@ class DenseAdam(SAEOptimizer):
     norm to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``; 0: off), runs Adam, and
     projects the decoder rows back to unit norm. ``state_dict`` is torch Adam's own, so
     checkpoints written before this class existed load unchanged.
+
+    ``fused``: torch's fused Adam kernel (one pass per parameter). None (default) takes it
+    for CPU parameters, where the per-op loop makes six passes (5x slower at F=16384,
+    d=256); elsewhere torch's own default runs.
     """
 
     sparse_grad = False
     needs_rows = False
 
     def __init__(self, sae, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 max_grad_norm: float = 0.0):
+                 max_grad_norm: float = 0.0, fused: bool | None = None):
         super().__init__(sae, max_grad_norm)
-        self.adam = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
+        if fused is None:
+            fused = all(p.device.type == "cpu" and p.is_floating_point() for p in sae.parameters()) or None
+        self.adam = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps, fused=fused)
 
     @property
     def param_groups(self) -> list[dict]:

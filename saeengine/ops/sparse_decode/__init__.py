@@ -1,7 +1,8 @@
 """Sparse decode: out[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec.
 
 Implementations (saeengine.backends): ``reference`` (torch embedding_bag,
-:mod:`.reference`), ``triton`` (kernels/sparse_decode.py with the sparse backward,
+:mod:`.reference`), ``cpu`` (embedding_bag and the sparse backward in torch ops, CPU
+tensors, :mod:`.cpu`), ``triton`` (kernels/sparse_decode.py with the sparse backward,
 :mod:`.triton`) and ``cuda`` (``torch.ops.saeengine.sparse_decode``, csrc/; a dense
 backward, and it reads a compute-dtype copy of W_dec: it honours neither sparse_grad nor
 master weights). :func:`plan_sparse_decode` says which runs a call.
@@ -17,16 +18,17 @@ from saeengine.backends import choose
 
 from .. import _checks
 from ..latent_index import LatentIndex
+from .cpu import SparseDecodeCPU
 from .reference import sparse_decode_backward_ref, sparse_decode_ref
 from .triton import SparseDecodeTriton
 
-__all__ = ["SparseDecodePlan", "SparseDecodeTriton", "compute_copy", "plan_sparse_decode", "sparse_decode",
-           "sparse_decode_backward_ref", "sparse_decode_codes", "sparse_decode_ref"]
+__all__ = ["SparseDecodeCPU", "SparseDecodePlan", "SparseDecodeTriton", "compute_copy", "plan_sparse_decode",
+           "sparse_decode", "sparse_decode_backward_ref", "sparse_decode_codes", "sparse_decode_ref"]
 
 
 @dataclass(frozen=True)
 class SparseDecodePlan:
-    """What runs one decode call: the implementation ("reference", "triton", "cuda"),
+    """What runs one decode call: the implementation ("reference", "cpu", "triton", "cuda"),
     whether W_dec's gradient is sparse rows, and how the weights are read ("as-is",
     "copy" or "master", as in the encoder's plan)."""
 
@@ -75,7 +77,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
         values: [N, k] activations (float32, float16 or bfloat16).
         indices: [N, k] int64 latent ids in [0, F).
         W_dec: [F, d] decoder rows; b_dec: [d] bias, or None.
-        backend: "auto", "reference", "triton" or "cuda" (or the family "torch"; see
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (or the family "torch"; see
             saeengine.backends and :func:`plan_sparse_decode`).
         latent_index: the by-latent index of ``indices`` if already built (saves a sort
             in the backward).
@@ -115,8 +117,8 @@ def sparse_decode_codes(codes: list, W_dec: torch.Tensor, b_dec: torch.Tensor | 
 
     ``codes``: (values [N, k_i], indices [N, k_i], LatentIndex or None) per code, all in
     one dtype and already validated (see :func:`sparse_decode`). b_dec is added to the
-    first code's output only. On the triton implementation the codes share one autograd
-    node, so W_dec's gradient is summed in place, with no [F, d] buffer per code; with
+    first code's output only. On the triton and cpu implementations the codes share one
+    autograd node, so W_dec's gradient is summed in place, with no [F, d] buffer per code; with
     ``sparse_grad`` it is a sparse COO tensor of the decoded latents' rows (uncoalesced,
     min(N*k_i, F) rows per code, no host sync). ``plan``: run this plan as it is.
     Returns one [N, d] tensor per code.
@@ -133,6 +135,11 @@ def sparse_decode_codes(codes: list, W_dec: torch.Tensor, b_dec: torch.Tensor | 
         flat = [t for values, indices, _ in codes for t in (values, indices)]
         return list(SparseDecodeTriton.apply(W_dec, weight_compute, b, tuple(index for _, _, index in codes),
                                              plan.sparse_grad, *flat))
+    if plan.implementation == "cpu":
+        W_compute = compute_copy(W_dec, dtype) if weight_compute is None else weight_compute
+        flat = [t for values, indices, _ in codes for t in (values, indices)]
+        return list(SparseDecodeCPU.apply(W_dec, W_compute, b, tuple(index for _, _, index in codes),
+                                          plan.sparse_grad, *flat))
     if plan.implementation == "cuda":
         W = W_dec.to(dtype)
         return [torch.ops.saeengine.sparse_decode(values, indices, W, b if i == 0 else None)

@@ -2,7 +2,9 @@
 
 Implementations (saeengine.backends; the plan of a call, :mod:`.plan`, says which runs
 each part):
-- ``reference`` (:mod:`.reference`): torch, materializes [N, F]; CPU path and oracle.
+- ``reference`` (:mod:`.reference`): torch, materializes [N, F]; the oracle.
+- ``cpu`` (:mod:`.cpu`): torch ops on CPU tensors, row blocks of the GEMM and a two-level
+  top-k, and the sparse backward of the kernels from the chosen pairs ("auto" on CPU).
 - ``fused``: the Triton kernel (kernels/topk_encode.py), GEMM tiles and the selection in
   one kernel.
 - ``chunked`` (:mod:`.chunked`): cuBLAS GEMM chunks + a topk_select per chunk.
@@ -22,11 +24,12 @@ from ..code import SparseCode
 from .autograd import Selection, TopKEncodeFunction, encode_selections
 from .dense_auxk import auxk_dense, use_dense_auxk
 from .chunked import chunked_topk_encode
+from .cpu import TopKEncodeCPU, cpu_topk_select, encode_selections_cpu
 from .plan import TopKEncodePlan, plan_topk_encode
 from .reference import topk_encode_ref, topk_encode_ref_sparse_grad
 
-__all__ = ["Selection", "TopKEncodeFunction", "TopKEncodePlan", "auxk_dense", "auxk_latents", "chunked_topk_encode",
-           "dead_latent_list", "plan_topk_encode", "run_plan", "topk_encode", "topk_encode_ref",
+__all__ = ["Selection", "TopKEncodeCPU", "TopKEncodeFunction", "TopKEncodePlan", "auxk_dense", "auxk_latents", "chunked_topk_encode",
+           "cpu_topk_select", "dead_latent_list", "plan_topk_encode", "run_plan", "topk_encode", "topk_encode_ref",
            "topk_encode_ref_sparse_grad", "use_dense_auxk"]
 
 
@@ -59,6 +62,13 @@ def run_plan(plan: TopKEncodePlan, x: torch.Tensor, W_enc: torch.Tensor, b_enc: 
             code.aux = SparseCode(*encode(x, W, b_enc, k_dead, b_pre=b_pre, latent_subset=dead))
         return code
     x_centered = x - b_pre if b_pre is not None else x
+    if plan.main == "cpu":
+        if weight_compute is None:
+            weight_compute = W_enc.detach() if W_enc.dtype == x.dtype else W_enc.detach().to(x.dtype)
+        selections = [(k, None)] + ([(k_dead, dead)] if plan.auxk == "cpu" else [])
+        code, *aux = encode_selections_cpu(x_centered, W_enc, weight_compute, b_enc, selections, plan.sparse_grad)
+        code.aux = aux[0] if aux else None
+        return code
     if weight_compute is None:  # one read shared by the main and the AuxK selection
         weight_compute = W_enc.detach() if plan.weight_read in ("as-is", "master") else W_enc.detach().to(x.dtype)
     selections = [Selection(k, None, plan.main, plan.main_select)]
@@ -91,12 +101,12 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
             latents only (AuxK); one host sync lists them.
         dead_latents: [S] int64 ascending dead latent ids, instead of ``dead_mask`` (no
             host sync: the caller has listed them).
-        backend: "auto", an implementation ("reference", "fused", "chunked") or a family
+        backend: "auto", an implementation ("reference", "cpu", "fused", "chunked") or a family
             ("torch", "triton", "cuda"); see saeengine.backends. The call's plan
             (:func:`plan_topk_encode`) says what runs each part.
         sparse_grad: W_enc's gradient is a sparse COO tensor holding the rows of the
             chosen latents only, as ``nn.Embedding(sparse=True)`` gives (for
-            :class:`saeengine.optim.RowSparseAdam`). On the kernel paths it is
+            :class:`saeengine.optim.RowSparseAdam`). On the kernel and cpu paths it is
             uncoalesced and sized min(N*k, F) rows per code (zero padding rows past the
             distinct latents), so no host sync sizes it.
         weight_copies: under mixed precision (fp32 W_enc, half-precision x): True reads

@@ -40,15 +40,16 @@ WEIGHT_COPIES_ENV = "SAEENGINE_WEIGHT_COPIES"
 class TopKEncodePlan:
     """What runs one topk_encode call.
 
-    main: the main code's implementation: "reference", "fused" or "chunked".
+    main: the main code's implementation: "reference", "cpu", "fused" or "chunked".
     main_select: the topk_select implementation of a chunked main code ("reference" or
         "radix"), else None.
-    auxk: the AuxK code's implementation ("reference", "fused", "chunked", or "dense":
+    auxk: the AuxK code's implementation ("reference", "cpu", "fused", "chunked", or "dense":
         GEMMs over the dead latents, run by the caller with the decoder, see
         ops.auxk_dense), or None without an AuxK code.
     auxk_select: the topk_select implementation of a chunked or dense AuxK code, else None.
     backward: "autograd" (through the reference), "segment-sum" (the sparse by-latent
-        backward, Triton kernels), or None when no gradient is needed.
+        backward: Triton kernels, or torch ops for main="cpu"), or None when no gradient
+        is needed.
     weight_read: "as-is" (the weights are in the compute dtype), "copy" (one
         compute-dtype copy per call) or "master" (the kernels read fp32 master weights,
         rounding as they load).
