@@ -61,7 +61,8 @@ def run_demo_synthetic(args: argparse.Namespace) -> int:
     report = run_synthetic_demo(dataclass_from_args(SyntheticDemoConfig, args), progress=not args.no_progress)
     print(json.dumps(report, indent=2))
     print(f"\nFVU {report['fvu']:.4f} | L0 {report['l0']:.2f} | dead {report['dead_fraction']:.1%} | "
-          f"planted-dictionary recovery (mean max cos) {report['recovery_mean_max_cos']:.3f} | "
+          f"planted-dictionary recovery (mean max cos) {report['recovery_mean_max_cos']:.3f} "
+          f"({report['recovery_at_init']:.3f} at init) | "
           f"checkpoint {report['checkpoint']}")
     return 0
 

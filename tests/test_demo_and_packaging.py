@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeengine import SAE
+from saeengine import SAE, SAEConfig
 from saeengine.demo import DemoConfig, run_demo
 from saeengine.demo_synthetic import SyntheticDemoConfig, run_synthetic_demo
 from saeengine.synthetic import dictionary_recovery, planted_dictionary
@@ -71,6 +71,7 @@ def test_report_opens_in_headless_chromium(small_demo, tmp_path):
 def test_synthetic_demo_recovers_planted_dictionary(tmp_path):
     report = run_synthetic_demo(SyntheticDemoConfig(tokens=60_000, steps=800, device="cpu",
                                                     out=str(tmp_path / "demo")), progress=False)
+    assert report["recovery_at_init"] < 0.5, report  # the SAE starts far from the atoms (measured 0.37)
     assert report["recovery_mean_max_cos"] >= 0.9
     assert report["fvu"] < 0.2 and abs(report["l0"] - 4) < 1e-6
     assert SAE.load(report["checkpoint"]).cfg.d_sae == 512
@@ -81,6 +82,21 @@ def test_recovery_metric_can_fail():
     random_decoder = torch.randn(128, 32)
     assert dictionary_recovery(data.atoms, random_decoder) < 0.7
     assert dictionary_recovery(data.atoms, data.atoms) > 0.999
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_planted_atoms_are_drawn_apart_from_the_sae_init(seed):
+    """The data's stream is not SAE(seed=...)'s: with one stream, the initial decoder's
+    first rows were the atoms and recovery was 1.0 before training. No atom is close to
+    any initial decoder row, for the data's seed or another."""
+    data = planted_dictionary(100, 32, 128, 3, seed=seed)
+    for sae_seed in (seed, seed + 1):
+        w_dec = SAE(SAEConfig(d_in=32, d_sae=256, k=3), seed=sae_seed).W_dec.detach()
+        cos = torch.nn.functional.normalize(w_dec, dim=1) @ data.atoms.T
+        assert float(cos.abs().max()) < 0.95, (seed, sae_seed)
+        assert dictionary_recovery(data.atoms, w_dec) < 0.6
+    assert torch.equal(planted_dictionary(100, 32, 128, 3, seed=seed).activations, data.activations)  # seeded
+    assert not torch.equal(planted_dictionary(100, 32, 128, 3, seed=seed + 1).atoms, data.atoms)
 
 
 def test_cli_help_lists_demo_options():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from saeengine import SAE, SAEConfig
 from saeengine.architectures.dense import DenseCode
 from saeengine.errors import InputError
 from saeengine.eval.modality import (ModalityCounts, PairSets, categorize, derangement, modality_stats,
@@ -192,6 +193,9 @@ def test_planted_shared_directions_give_shared_latents_and_grounding(synthetic):
     category = result["latents"]["planted-shared"]["category"]
     rows = torch.nn.functional.normalize(saes["planted-shared"].W_dec.detach(), dim=1)
     cos = rows @ directions.T  # [F, C]: an oracle independent of the firing bookkeeping
+    start = SAE(SAEConfig(d_in=directions.shape[1], d_sae=64, k=2), seed=0).W_dec.detach()  # train_small_sae's start
+    at_start = torch.nn.functional.normalize(start, dim=1) @ directions.T
+    assert (at_start.max(0).values < 0.6).all(), at_start.max(0).values  # far from every concept (measured <= 0.45)
     shared = torch.from_numpy(category == "shared")
     # every planted concept has a shared latent along it, and every shared latent is a concept's
     assert (cos[shared].max(0).values > 0.9).all(), cos[shared].max(0).values

@@ -16,12 +16,13 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.neighbors import NearestCentroid
 
-from saeengine import cli
+from saeengine import SAE, SAEConfig, cli
 from saeengine.errors import DataMismatchError, InputError
 from saeengine.eval.experiments.common import train_small_sae
 from saeengine.eval.ood_report import markdown_table, render_ood_report, write_ood
 from saeengine.eval.ood_run import FORMAT, OODSet, run_ood
 from saeengine.store import ActivationWriter
+from saeengine.synthetic import data_generator
 
 D, C = 8, 3
 SAE_SCORES = ["sae.reconstruction", "sae.max_latent", "sae.energy", "sae.knn", "sae.class_profile"]
@@ -40,7 +41,7 @@ def _mixture(n: int, gen: torch.Generator, means: torch.Tensor, tokens: int | No
 @pytest.fixture(scope="module")
 def synthetic():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
+    gen = data_generator(0)  # not manual_seed(0), the SAE's: its first decoder row was the first class mean
     means = 3.0 * torch.randn(C, D, generator=gen)
     train, train_y = _mixture(600, gen, means)
     test, test_y = _mixture(300, gen, means)
@@ -53,6 +54,14 @@ def synthetic():
     result = run_ood(train, train_y, test, test_y, sets, sae, knn_k=10, probe_epochs=50)
     return {"train": train, "train_y": train_y, "test": test, "test_y": test_y, "same": same, "same_y": same_y,
             "shuffled": shuffled, "far": far, "sae": sae, "sets": sets, "result": result, "means": means}
+
+
+def test_the_sae_does_not_start_at_a_class_mean(synthetic):
+    """The data and the SAE (seed 0) come from independent streams: no initial decoder row
+    lies along a class mean (with one stream, the first row was the first mean, cosine 1)."""
+    w_dec = torch.nn.functional.normalize(SAE(SAEConfig(d_in=D, d_sae=32, k=4), seed=0).W_dec.detach(), dim=1)
+    cos = w_dec @ torch.nn.functional.normalize(synthetic["means"], dim=1).T
+    assert float(cos.max()) < 0.99, cos.max(0).values
 
 
 def test_every_score_and_set_is_measured(synthetic):

@@ -3,8 +3,8 @@
 
 from .config import TrainConfig, default_lr
 from .init import geometric_median, init_from_sample
-from .loop import train
+from .loop import initial_sae, train
 from .step import TrainStep, build_optimizer
 
 __all__ = ["TrainConfig", "TrainStep", "build_optimizer", "default_lr", "geometric_median", "init_from_sample",
-           "train"]
+           "initial_sae", "train"]

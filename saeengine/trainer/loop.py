@@ -55,8 +55,15 @@ def _configs(config) -> list[TrainConfig]:
     raise TypeError(f"train() takes a TrainConfig or a list of them (a sweep), got {type(config).__name__}")
 
 
+def initial_sae(cfg: TrainConfig, d_in: int, device: torch.device | str | None = None) -> SAE:
+    """The SAE a fresh run of ``cfg`` on d_in-wide data starts from, before the sample fits
+    its normalization and b_dec: its weights depend on cfg.seed alone. (What the planted-
+    dictionary checks measure before training, to show that training found the atoms.)"""
+    return SAE(cfg.sae_config(d_in), device=device, seed=cfg.seed)
+
+
 def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) -> _Run:
-    sae = SAE(cfg.sae_config(d_in), device=device, seed=cfg.seed)
+    sae = initial_sae(cfg, d_in, device)
     return _Run(cfg, sae, TrainStep(sae, cfg), out_dir / cfg.run_name)
 
 
