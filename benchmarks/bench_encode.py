@@ -20,10 +20,7 @@ their ratio.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -228,22 +225,6 @@ def throughput(workdir: Path, tokens: int, d_in: int, d_sae: int, k: int, batch_
             "peak_rss_mib": round(run["peak_rss_mib"], 1)}
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-
-def stamp() -> dict:
-    import torch
-
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git("rev-parse", "--short", "HEAD") or None,
-            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
-            "torch": torch.__version__,
-            "machine": {"node": platform.node(), "cpu": platform.processor() or platform.machine(),
-                        "cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.system(),
-                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=40_000, help="tokens of the throughput store")
@@ -266,7 +247,8 @@ def main(argv=None) -> int:
         child(*args.child, args.batch_tokens, args.top_k, args.device, args.threads)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        result = {**stamp(), "throughput": throughput(Path(tmp), args.tokens, args.d_in, args.d_sae, args.k,
+        from saeengine.validation import run_stamp  # the date, commit, versions and machine
+        result = {**run_stamp(), "throughput": throughput(Path(tmp), args.tokens, args.d_in, args.d_sae, args.k,
                                                       args.batch_tokens, args.top_k, args.device, args.threads)}
         if args.memory_tokens:
             result["memory"] = memory(Path(tmp), args.memory_tokens, d_in=args.d_in, d_sae=1024, k=args.k,

@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -127,11 +126,6 @@ def ours(kind: str, work: Path, a) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def main() -> None:
@@ -152,8 +146,6 @@ def main() -> None:
         return peer(a.peer, a.work, a)
     import torch
     from safetensors.torch import save_file
-
-    import saeengine
 
     python = fc.make_venv("peers", PACKAGES)
     results = {}
@@ -195,13 +187,9 @@ def main() -> None:
                   f"tok/s (x{r['speedup_median']}); best {r['peer_tokens_per_s_best']} vs "
                   f"{r['saeengine_tokens_per_s_best']} (x{r['speedup_best']}); same codes: "
                   f"{r['same_indices_first_batch']}")
+    from saeengine.validation import run_stamp  # the date, commit, versions and machine
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "--short", "HEAD") or None,
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "torch": torch.__version__, "saeengine": saeengine.__version__,
-        "machine": {"node": platform.node(), "cpu": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.system()},
+        **run_stamp(),
         "settings": {"what": "encode only, float32 inputs in memory, median of repeats after a warm-up pass",
                      "device": "cpu", "tokens": a.tokens, "d_in": a.d_in, "d_sae": a.d_sae, "k": a.k,
                      "batch": a.batch, "torch_threads": a.threads, "repeats": a.repeats, "rounds": a.rounds,

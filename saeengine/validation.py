@@ -163,3 +163,22 @@ def current_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+def run_stamp() -> dict:
+    """What every benchmark and result file records of its run: the UTC date, the commit
+    (:func:`current_commit`), the torch and saeengine versions, and the machine (host, CPU,
+    cores, load average, Python, OS, the GPU's name or None)."""
+    import datetime as dt
+    import platform
+
+    import torch
+
+    from saeengine import __version__
+
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": current_commit(),
+            "torch": torch.__version__, "saeengine": __version__,
+            "machine": {"node": platform.node(), "cpu": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
+                        "python": platform.python_version(), "system": platform.system(),
+                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
