@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from saeengine import SAE, SAEConfig
 from saeengine.errors import CheckpointError
 from saeengine.interop import _common, detect_formats, from_pretrained, hub
+from pickle_payload import Payload
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,18 +62,10 @@ def test_safetensors_header_claiming_a_huge_tensor_is_refused_before_allocation(
         _common.read_safetensors(path)
 
 
-class _Evil:  # its unpickling would create a file: it must never run
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_with_a_custom_class_is_refused_without_running(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "model.pt"
-    torch.save({"W": torch.ones(2), "obj": _Evil(marker)}, str(path))
+    torch.save({"W": torch.ones(2), "obj": Payload(marker)}, str(path))
     with pytest.raises(CheckpointError, match=r"model\.pt: refused: the pickle names classes outside"):
         _common.safe_torch_load(path)
     assert not marker.exists()

@@ -17,6 +17,7 @@ from saeengine import SAE, SAEConfig
 from saeengine.errors import CheckpointError
 from saeengine.interop import detect_formats, from_pretrained
 from saeengine.interop import dictionary_learning as dl
+from pickle_payload import SIDE_EFFECT, Payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import _fixture_common as fc  # noqa: E402
@@ -25,7 +26,6 @@ CASES = fc.cases("dictionary_learning")
 BY_NAME = {case.name: case for case in CASES}
 ARCH = {"standard": "relu", "standard_april": "relu", "topk": "topk", "batchtopk": "batchtopk",
         "matryoshka_batchtopk": "matryoshka", "jumprelu": "jumprelu", "gated": "jumprelu"}
-SIDE_EFFECT = "side-effect ran"
 
 
 def test_fixtures_exist():
@@ -171,20 +171,6 @@ def test_jumprelu_nonpositive_thresholds_are_relu_latents(tmp_path):
     assert bool(((got != 0) == (expected != 0)).all())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(recon, expected @ state["W_dec"] + state["b_dec"], atol=1e-5, rtol=1e-5)
-
-
-def _side_effect(marker: str) -> None:
-    Path(marker).write_text(SIDE_EFFECT)
-
-
-class Payload:
-    """Pickles as a call of _side_effect: unpickling it without weights_only runs it."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_side_effect, (self.marker,))
 
 
 def test_pickle_with_custom_class_refused_without_running(folder, tmp_path):

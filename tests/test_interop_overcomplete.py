@@ -18,6 +18,7 @@ from saeengine import SAE, SAEConfig
 from saeengine.errors import CheckpointError
 from saeengine.interop import detect_formats, from_pretrained
 from saeengine.interop import overcomplete as oc
+from pickle_payload import SIDE_EFFECT, Payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import _fixture_common as fc  # noqa: E402
@@ -26,7 +27,6 @@ CASES = fc.cases("overcomplete")
 BY_NAME = {case.name: case for case in CASES}
 ARCH = {"topk": "topk", "topk_untied_l1": "topk", "topk_tied": "topk", "batchtopk": "batchtopk",
         "jumprelu": "jumprelu"}
-SIDE_EFFECT = "side-effect ran"
 
 
 def test_fixtures_exist():
@@ -149,20 +149,6 @@ def test_encoder_without_weights_refused(tmp_path):
     torch.save({k: v for k, v in state.items() if not k.startswith("encoder.")}, folder / "sae.pt")
     with pytest.raises(CheckpointError, match="no encoder weights"):
         oc.load(folder)
-
-
-def _side_effect(marker: str) -> None:
-    Path(marker).write_text(SIDE_EFFECT)
-
-
-class Payload:
-    """Pickles as a call of _side_effect: unpickling it without weights_only runs it."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_side_effect, (self.marker,))
 
 
 def test_pickle_with_custom_class_refused_without_running(tmp_path):

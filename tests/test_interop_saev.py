@@ -16,12 +16,12 @@ from saeengine import SAE, SAEConfig
 from saeengine.errors import CheckpointError
 from saeengine.interop import detect_formats, from_pretrained
 from saeengine.interop import saev
+from pickle_payload import SIDE_EFFECT, Payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import _fixture_common as fc  # noqa: E402
 
 CASES = fc.cases("saev")
-SIDE_EFFECT = "side-effect ran"
 
 
 def test_fixtures_exist():
@@ -141,20 +141,6 @@ def test_not_saev_files(tmp_path):
         saev.load(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="hookpoint"):
         saev.load(CASES[0] / fc.SAE_DIR, hookpoint="layers.3")
-
-
-def _side_effect(marker: str) -> None:
-    Path(marker).write_text(SIDE_EFFECT)
-
-
-class Payload:
-    """Pickles as a call of _side_effect: unpickling it without weights_only runs it."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_side_effect, (self.marker,))
 
 
 def test_pickle_with_custom_class_refused_without_running(tmp_path, parts):
