@@ -114,18 +114,23 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
     return _fpr_at_tpr(*_pair(id_scores, ood_scores), tpr)
 
 
-def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
-    """sklearn's average precision with ``pos`` [P] the positives' scores and ``neg`` the
-    negatives' (higher = more positive): sum over distinct thresholds t (descending) of
-    (R(t) - R(previous t)) * P(t), P and R of the rule "score >= t"."""
+def _threshold_counts(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each distinct score t, descending, of pos [P] and neg [Q] together: (true
+    positives, samples predicted positive) of the rule "score >= t", int64 [K] each (a
+    threshold admits a whole tie group)."""
     scores = np.concatenate([pos, neg])
     is_pos = np.concatenate([np.ones(pos.size, dtype=np.int64), np.zeros(neg.size, dtype=np.int64)])
     order = np.argsort(-scores, kind="stable")
     scores, is_pos = scores[order], is_pos[order]
-    # The last index of each run of equal scores: a threshold admits a whole tie group.
-    last = np.flatnonzero(np.append(np.diff(scores) != 0, True))
-    tps = np.cumsum(is_pos)[last]
-    predicted = last + 1
+    last = np.flatnonzero(np.append(np.diff(scores) != 0, True))  # the last index of each tie run
+    return np.cumsum(is_pos)[last], last + 1
+
+
+def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
+    """sklearn's average precision with ``pos`` [P] the positives' scores and ``neg`` the
+    negatives' (higher = more positive): sum over distinct thresholds t (descending) of
+    (R(t) - R(previous t)) * P(t), P and R of the rule "score >= t"."""
+    tps, predicted = _threshold_counts(pos, neg)
     precision = tps / predicted
     recall_gain = np.diff(tps, prepend=0) / pos.size
     return float(min(1.0, np.sum(recall_gain * precision)))  # float rounding can pass 1 by a few ulps
@@ -150,13 +155,8 @@ def roc_points(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
     to (1, 1), one point per distinct score value t (descending), of the rule "OOD if
     s >= t" (= sklearn ``roc_curve(..., drop_intermediate=False)``)."""
     s_id, s_ood = _pair(id_scores, ood_scores)
-    scores = np.concatenate([s_ood, s_id])
-    is_ood = np.concatenate([np.ones(s_ood.size, dtype=np.int64), np.zeros(s_id.size, dtype=np.int64)])
-    order = np.argsort(-scores, kind="stable")
-    scores, is_ood = scores[order], is_ood[order]
-    last = np.flatnonzero(np.append(np.diff(scores) != 0, True))
-    tps = np.cumsum(is_ood)[last]
-    fps = last + 1 - tps
+    tps, predicted = _threshold_counts(s_ood, s_id)
+    fps = predicted - tps
     fpr = np.concatenate([[0.0], fps / s_id.size])
     tpr = np.concatenate([[0.0], tps / s_ood.size])
     return fpr, tpr
