@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(BIN)/saeengine demo
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q --durations=20 tests
+	$(BIN)/python -m pytest -q -n auto --durations=20 tests
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_benchmarks.py

@@ -9,6 +9,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs one pytest-xdist worker per core; torch's default of one thread per core
+# in every worker would oversubscribe them, so each worker gets its share.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+
 import pytest  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
 
