@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(it shows " + ", ".join(RUN_NAME_FIELDS) + "), or with --name PREFIX, "
                             "PREFIX-<field><value>...")
     add_dataclass_options(train, TrainConfig, train_choices())
+    from .distributed.cli_per_rank import add_per_rank_options
+    from .distributed.cli_train import add_mesh_options
+    add_mesh_options(train)
+    add_per_rank_options(train)
     commands["train"] = _Command(run_train, interrupted_train)
 
     record = _record_command()

@@ -78,6 +78,13 @@ def train_configs(args: argparse.Namespace) -> list:
 def run_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
+    if getattr(args, "per_rank", False):  # whole SAEs of the sweep spread over torchrun's processes
+        from .distributed.cli_per_rank import run_per_rank_cli
+        return run_per_rank_cli(args, train_configs(args))
+    if getattr(args, "mesh", None) is not None:  # sharded over torchrun's processes
+        from .distributed.cli_train import run_train_distributed
+        return run_train_distributed(args)
+
     configs = train_configs(args)
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such activation store (record one with saeengine record "
@@ -95,6 +102,12 @@ def interrupted_train(args: argparse.Namespace) -> str:
     from .trainer import TrainConfig
     from .trainer.checkpoints import latest_checkpoint
 
+    if getattr(args, "per_rank", False):
+        from .distributed.cli_per_rank import interrupted_per_rank
+        return interrupted_per_rank(args)
+    if getattr(args, "mesh", None) is not None:
+        from .distributed.cli_train import interrupted_train_distributed
+        return interrupted_train_distributed(args)
     out_dir = Path(getattr(args, "out_dir", TrainConfig.out_dir))
     try:
         checkpoint = latest_checkpoint(out_dir)

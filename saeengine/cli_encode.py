@@ -66,6 +66,12 @@ def run_encode(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-tokens", args.batch_tokens), ("--top-k", args.top_k)):
         if value < 1:
             args._encode_parser.error(f"{flag} must be >= 1, got {value}")
+    from .distributed.launch import world_from_env
+
+    if (world_from_env() or 1) > 1:  # under torchrun: each rank encodes its rows, rank 0 merges
+        from .distributed.encode import run_encode_distributed
+
+        return run_encode_distributed(args)
     device = None if args.device == "auto" else args.device
     encoded = encode_store(args.sae, args.data, args.out, batch_tokens=args.batch_tokens, top_k=args.top_k,
                            device=device, backend=args.backend, resume=not args.no_resume,

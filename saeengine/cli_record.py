@@ -108,7 +108,13 @@ def run_record(args: argparse.Namespace) -> int:
             args._record_parser.error(f"{flag} must be >= 1, got {value}")
     if args.image_size is not None and args.image_size < 1:
         args._record_parser.error(f"--image-size must be >= 1, got {args.image_size}")
+    from .distributed.launch import world_from_env
+
     check_out_dir(args.out_dir, args.resume)  # before loading a model for nothing
+    if (world_from_env() or 1) > 1:  # under torchrun: each rank records its part, rank 0 merges
+        from .distributed.record import run_record_distributed
+
+        return run_record_distributed(args, _load_backbone)
     backbone = _load_backbone(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:

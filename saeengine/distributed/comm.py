@@ -2,11 +2,12 @@
 what each layout moves and holds per step.
 
 Counting: every collective of :mod:`saeengine.distributed` goes through :func:`all_gather`,
-:func:`all_reduce` or :func:`all_gather_object` here. Inside ``with counting() as log``
-each call appends a :class:`CollectiveRecord` (op, axis, payload bytes of this rank's
-tensor, group size) to ``log``. The payload is what the rank hands to the collective;
-:attr:`CollectiveRecord.wire_bytes` adds the ring algorithm's factor (what each rank
-sends: all_gather (P-1)/P of the gathered tensor, all_reduce 2(P-1)/P of the tensor).
+:func:`all_reduce`, :func:`all_gather_object`, :func:`broadcast` or :func:`broadcast_object`
+here. Inside ``with counting() as log`` each call appends a :class:`CollectiveRecord` (op,
+axis, payload bytes of this rank's tensor, group size) to ``log``. The payload is what the
+rank hands to the collective; :attr:`CollectiveRecord.wire_bytes` adds the ring algorithm's
+factor (what each rank sends: all_gather (P-1)/P of the gathered tensor, all_reduce
+2(P-1)/P of the tensor; a broadcast counts as the root's P-1 sends).
 
 A group of size 1 (or None: no process group) issues nothing and records nothing.
 
@@ -29,7 +30,7 @@ import torch.distributed as dist
 class CollectiveRecord:
     """One collective as issued by this rank.
 
-    op: "all_gather", "all_reduce" or "all_gather_object".
+    op: "all_gather", "all_reduce", "all_gather_object", "broadcast" or "broadcast_object".
     axis: "latent", "data" or "world".
     bytes: this rank's payload (the input tensor's bytes).
     group_size: ranks in the group.
@@ -123,6 +124,30 @@ def all_gather_object(obj, group, *, axis: str, what: str) -> list:
     _record("all_gather_object", axis, 0, p, what)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def broadcast(tensor: torch.Tensor, group, *, src: int = 0, axis: str, what: str) -> torch.Tensor:
+    """Replace ``tensor`` in place by global rank ``src``'s (and return it). ``group``
+    None with torch.distributed initialized means the world."""
+    p = group_size(group) if group is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    if p == 1:
+        return tensor
+    _record("broadcast", axis, tensor.numel() * tensor.element_size(), p, what)
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def broadcast_object(obj, group=None, *, src: int = 0, axis: str = "world", what: str):
+    """Global rank ``src``'s picklable ``obj`` on every rank of ``group`` (None: the world);
+    what the other ranks pass is ignored. For start-up decisions (a run id, the checkpoint
+    to resume), not per-step data."""
+    p = group_size(group) if group is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    if p == 1:
+        return obj
+    _record("broadcast_object", axis, 0, p, what)
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 # ----- closed forms -------------------------------------------------------------------------

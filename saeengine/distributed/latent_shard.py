@@ -57,6 +57,7 @@ from ..config import SAEConfig
 from ..errors import ConfigError, DataError
 from ..ops import _checks
 from ..ops.code import SparseCode
+from ..sae import SAE
 from . import comm
 from .mesh import Mesh
 
@@ -406,6 +407,11 @@ class LatentShardedSAE(nn.Module):
         return out
 
     # ----- forward -----------------------------------------------------------------------------
+    # The full SAE's fit, with its checks: it reads cfg and writes the replicated buffers
+    # norm_mean, norm_scale only, so trainer.init.init_from_sample runs on a slice (the
+    # same sample on every rank gives the same statistics everywhere).
+    fit_normalization = SAE.fit_normalization
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.normalization == "none":
             return x.float()
@@ -417,10 +423,13 @@ class LatentShardedSAE(nn.Module):
         return x.float() * self.norm_scale + self.norm_mean
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *, backend: str = "auto",
-                check: bool = True) -> ShardedForwardOutput:
+                check: bool = True, k: int | None = None) -> ShardedForwardOutput:
         """x [N, d_in] raw, this data rank's tokens (the same on every rank of its latent
-        group), N >= 2; dead_mask [hi - lo] bool, this slice's dead latents (AuxK)."""
+        group), N >= 2; dead_mask [hi - lo] bool, this slice's dead latents (AuxK); k
+        overrides cfg.k for this call (k annealing; in [1, d_sae], the same on every rank)."""
         cfg = self.cfg
+        if k is not None and not (isinstance(k, int) and 1 <= k <= cfg.d_sae):
+            raise ValueError(f"k={k!r}: it must be a whole number in [1, d_sae={cfg.d_sae}] (or None: cfg.k)")
         _checks.check_matrix("x", x, cols=cfg.d_in, what=f"[N, d_in={cfg.d_in}]")
         _checks.check_float("x", x)
         if x.shape[0] < 2:
@@ -435,7 +444,7 @@ class LatentShardedSAE(nn.Module):
         x32 = self.normalize(x)
         xn = x32.to(self.W_enc.dtype)
         recon, e_hat, code, width = sharded_topk_decode(
-            xn, self.W_enc, self.b_enc, self.W_dec, self.b_dec, cfg.k, self.mesh, self.lo,
+            xn, self.W_enc, self.b_enc, self.W_dec, self.b_dec, k or cfg.k, self.mesh, self.lo,
             dead_local=dead_mask, k_aux=cfg.effective_k_aux if dead_mask is not None else 0, backend=backend)
         total_var = global_total_variance(x32, self.mesh)
         fvu = losses.fvu(x32, recon, total_var)
@@ -501,22 +510,30 @@ def global_total_variance(x32: torch.Tensor, mesh: Mesh) -> torch.Tensor:
 
 
 @torch.no_grad()
-def allreduce_data_grads_(module: nn.Module, mesh: Mesh | None = None) -> None:
+def allreduce_data_grads_(module: nn.Module, mesh: Mesh | None = None, *,
+                          extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Sum every parameter's gradient over the data group, in one flat bucket (one
     all_reduce). With the global-batch FVU of :meth:`LatentShardedSAE.forward` this gives
     the single-process gradient of the global batch. A parameter without a gradient
-    takes part as zeros (every rank must issue the same collective)."""
+    takes part as zeros (every rank must issue the same collective).
+
+    extra: a 1-D float tensor summed over the data group in the same bucket (the step's
+    metrics and fired flags ride along instead of costing a collective of their own);
+    returns its sum (extra itself without a data axis), or None."""
     mesh = mesh if mesh is not None else module.mesh
     if mesh.data_size == 1:
-        return
+        return extra
     params = list(module.parameters())
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    tail = [] if extra is None else [extra.reshape(-1).float()]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in params] + tail)
     comm.all_reduce(flat, mesh.data_group, axis="data", what="grads")
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+    return None if extra is None else flat[offset:].view_as(extra).to(extra.dtype)
 
 
 def train_step(module: LatentShardedSAE, optimizer, x: torch.Tensor, dead_mask: torch.Tensor | None = None,

@@ -44,7 +44,7 @@ def resample_uniform(seed: int, latents: torch.Tensor) -> torch.Tensor:
     return h.double() / 2.0**32
 
 
-def _sampling_cdf(losses: torch.Tensor) -> torch.Tensor:
+def sampling_cdf(losses: torch.Tensor) -> torch.Tensor:
     """Cumulative loss^2 in float64; uniform weights when every loss is 0 (no host sync)."""
     weights = losses.double().pow(2)
     weights = torch.where(weights.sum() > 0, weights, torch.ones_like(weights))
@@ -79,17 +79,29 @@ def _fused_moments(optimizer) -> dict[str, torch.Tensor | None]:
     return out
 
 
+def resample_picks(seed: int, latents: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+    """The input each of ``latents`` [R] int64 (global latent ids) is resampled from:
+    [R] int64 positions into the inputs whose cumulative weights are ``cdf`` [N]."""
+    target = resample_uniform(seed, latents) * cdf[-1]
+    return torch.searchsorted(cdf, target, right=True).clamp_max(cdf.numel() - 1)
+
+
+@torch.no_grad()
+def write_resampled_rows_(module, rows: torch.Tensor, chosen: torch.Tensor, enc_norm: torch.Tensor) -> None:
+    """Rows ``rows`` [R] of module.W_dec / W_enc / b_enc from the chosen inputs [R, d_in]:
+    W_dec = x / |x|, W_enc = x / |x| * 0.2 * enc_norm, b_enc = 0 (a whole SAE, or a latent
+    slice of one: saeengine.distributed.step)."""
+    chosen = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    module.W_dec[rows] = chosen.to(module.W_dec.dtype)
+    module.W_enc[rows] = (chosen * (0.2 * enc_norm)).to(module.W_enc.dtype)
+    module.b_enc[rows] = 0
+
+
 @torch.no_grad()
 def _resample_ref(sae, dead: torch.Tensor, x: torch.Tensor, cdf: torch.Tensor, enc_norm: torch.Tensor,
                   seed: int) -> None:
     rows = torch.nonzero(dead).squeeze(1)
-    target = resample_uniform(seed, rows) * cdf[-1]
-    picks = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.numel() - 1)
-    chosen = x[picks]
-    chosen = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sae.W_dec[rows] = chosen.to(sae.W_dec.dtype)
-    sae.W_enc[rows] = (chosen * (0.2 * enc_norm)).to(sae.W_enc.dtype)
-    sae.b_enc[rows] = 0
+    write_resampled_rows_(sae, rows, x[resample_picks(seed, rows, cdf)], enc_norm)
 
 
 @torch.no_grad()
@@ -119,7 +131,7 @@ def resample_dead_latents_(sae, optimizer, dead: torch.Tensor, x: torch.Tensor, 
     _check_optimizer(optimizer)
     backend = resolve_backend(backend, "resample_dead", sae.W_dec.device)
     x = x.detach().float().contiguous()
-    cdf = _sampling_cdf(losses)
+    cdf = sampling_cdf(losses)
     enc_norm = _alive_encoder_norm(sae.W_enc, dead)
     if backend == "cuda":
         moments = _fused_moments(optimizer)

@@ -80,6 +80,23 @@ def _start_from_saved(sae: SAE, directory: str) -> None:
     sae.load_state_dict({name: value.to(sae.state_dict()[name].dtype) for name, value in saved.state_dict().items()})
 
 
+def checkpoint_due(step: int, batch_size: int, every_tokens: int) -> bool:
+    """Whether a checkpoint follows step ``step`` (0-based): each time the tokens trained
+    cross a multiple of ``every_tokens`` (0: never, only at the end)."""
+    return bool(every_tokens) and (step + 1) * batch_size // every_tokens > step * batch_size // every_tokens
+
+
+def run_provenance(cfg: TrainConfig, steps: int, source) -> dict:
+    """What a trained SAE's config.json records of its run (saeengine.trainer.rundir checks
+    "data", "train_config" and "steps" when a run is started again in its folder)."""
+    provenance = {"train_config": cfg.to_dict(), "steps": steps, "data": source.identity()}
+    store = getattr(source, "store", None)
+    if store is not None:  # what saeengine.eval.encode checks another store's layer against
+        provenance["store"] = {"dir": str(store.directory), "backbone": store.meta.backbone,
+                               "layer": store.meta.layer, "token_kind": store.meta.token_kind}
+    return provenance
+
+
 def _read_metrics(runs: list[_Run], metrics: list[dict], watch: NonFiniteWatch) -> tuple[list[dict], list[int]]:
     """Each run's step metrics and dead fraction as Python numbers, and the watch's first
     bad steps, read in one host sync. The training steps themselves never sync, so this
@@ -142,7 +159,7 @@ def _train_locked(source, configs: list[TrainConfig], device: torch.device, out_
                     run.log.write({"step": step, "tokens": (step + 1) * batch, **m, "tokens_per_s": tokens_per_s})
                 bar.set_postfix(tok_s=f"{tokens_per_s:.3g}", fvu=f"{read[0]['fvu']:.4f}", l0=f"{read[0]['l0']:.1f}",
                                 dead=f"{read[0]['dead']:.1%}")
-            if every and (step + 1) * batch // every > step * batch // every:
+            if checkpoint_due(step, batch, every):
                 watch.check_before_save(runs, step + 1, source, first)
                 save_checkpoint(out_dir, step + 1, runs, source)
         bar.close()
@@ -151,12 +168,7 @@ def _train_locked(source, configs: list[TrainConfig], device: torch.device, out_
             save_checkpoint(out_dir, steps, runs, source)
         for run in runs:
             run.sae.eval()
-            provenance = {"train_config": run.cfg.to_dict(), "steps": steps, "data": source.identity()}
-            store = getattr(source, "store", None)
-            if store is not None:  # what saeengine.eval.encode checks another store's layer against
-                provenance["store"] = {"dir": str(store.directory), "backbone": store.meta.backbone,
-                                       "layer": store.meta.layer, "token_kind": store.meta.token_kind}
-            run.sae.save(run.directory, provenance=provenance)
+            run.sae.save(run.directory, provenance=run_provenance(run.cfg, steps, source))
     finally:
         bar.close()
         batches.close()  # stops the store loader's thread now, not when collected

@@ -1,0 +1,161 @@
+"""``saeengine encode`` over several ranks (issue 19): each rank encodes its rows, rank 0
+merges into one output. The oracle is the single-process encode_store of the same SAE and
+store: every file byte for byte (codes, sources, latent statistics, exemplars, summary.json
+with its float64 metrics). Plus a part killed after a commit and resumed, a merge killed
+half-way (the folder reads unfinished, a rerun finishes), ranks that disagree or fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from encode_helpers import folder_bytes, make_sae, make_store
+
+from saeengine.distributed import encode as denc
+from saeengine.distributed._spawn import run
+from saeengine.errors import ConfigError, InputError, StoreIncompleteError
+from saeengine.eval import encode as enc
+from saeengine.eval.encode import encode_store
+from saeengine.eval.encoded import EncodedDataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
+
+SETTINGS = {"batch_tokens": 12, "top_k": 3}
+CASES = {  # name: (architecture, settings): fixed-width codes, CSR codes, one batch only (rank 1 idle)
+    "topk": ("topk", SETTINGS),
+    "relu": ("relu", SETTINGS),
+    "one-batch": ("topk", {"batch_tokens": 10_000, "top_k": 3}),
+}
+
+
+def sae_of(architecture: str, seed: int = 0):
+    return make_sae(architecture, d_sae=32, k=3, seed=seed)
+
+
+def _ranks(rank, world, tmp):
+    tmp = Path(tmp)
+    out = {}
+    for name, (arch, kw) in CASES.items():
+        denc.encode_distributed(sae_of(arch), tmp / "store", tmp / f"dist-{name}", progress=False, **kw)
+    # the merge killed in the test process before this spawn: the rerun finishes it
+    denc.encode_distributed(sae_of("topk"), tmp / "store", tmp / "crashed", progress=False, **SETTINGS)
+    try:  # rank 1 has another SAE
+        denc.encode_distributed(sae_of("topk", seed=rank), tmp / "store", tmp / "disagree", progress=False,
+                                **SETTINGS)
+    except ConfigError as exc:
+        out["disagree"] = str(exc)
+    try:  # rank 1 cannot open its store: every rank raises, none waits
+        denc.encode_distributed(sae_of("topk"), tmp / ("store" if rank == 0 else "missing"), tmp / "failed",
+                                progress=False, **SETTINGS)
+    except InputError as exc:
+        out["failed"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def assert_same_output(single: Path, merged: Path) -> None:
+    """Every file byte for byte: codes, sources, latent statistics, exemplars, summary.json
+    (metrics included: the float64 sums are added in the single pass's order)."""
+    a, b = folder_bytes(single), folder_bytes(merged)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name] == b[name], name
+    assert not denc.parts_dir(merged).exists()
+
+
+def test_two_ranks_equal_one_process_and_a_killed_merge_finishes(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "store", 13, paths=True)
+    # A merge that dies after copying the first part's codes: the folder reads unfinished.
+    job = denc._prepare(sae_of("topk"), store, tmp_path / "crashed", SETTINGS["batch_tokens"], SETTINGS["top_k"],
+                        None, "auto", True, False, None, 2)
+    # Rank 1's part is killed after its second batch (a commit after every batch), then resumed.
+    monkeypatch.setattr(enc, "COMMIT_EVERY_S", 0.0)
+    real_step, steps = denc._PartPass._step, []
+
+    def dying_step(self, batch):
+        steps.append(batch.row)
+        if len(steps) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(denc._PartPass, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        denc._encode_part(job, 1, 2, False)
+    monkeypatch.undo()
+    assert len(denc.read_terms(denc.part_dir(tmp_path / "crashed", 1, 2))) == 2  # the terms of the 2 committed
+    for rank in range(2):
+        denc._encode_part(job, rank, 2, False)
+    real, calls = denc._copy_codes, []
+
+    def dying(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # as a kill: no handler of the merge runs
+        return real(*args)
+
+    monkeypatch.setattr(denc, "_copy_codes", dying)
+    with pytest.raises(KeyboardInterrupt):
+        denc.merge_parts(job, 2)
+    monkeypatch.undo()
+    with pytest.raises(StoreIncompleteError):
+        EncodedDataset(tmp_path / "crashed")
+
+    answers = run(_ranks, 2, str(tmp_path), timeout=240)
+
+    for name, (arch, kw) in CASES.items():
+        single = tmp_path / f"single-{name}"
+        encode_store(sae_of(arch), store, single, progress=False, **kw)
+        assert_same_output(single, tmp_path / f"dist-{name}")
+    assert_same_output(tmp_path / "single-topk", tmp_path / "crashed")
+    for answer in answers:
+        assert "sae_checksum" in answer["disagree"] and "rank 0" in answer["disagree"]
+        assert "rank 1" in answer["disagree"]
+    assert "failed on rank 1" in answers[0]["failed"] and "missing" in answers[0]["failed"]
+    assert "failed on rank" not in answers[1]["failed"] and "missing is not a folder" in answers[1]["failed"]
+
+
+def test_row_ranges_split_at_the_single_pass_batches(tmp_path):
+    from saeengine.store import ActivationStore
+
+    store = ActivationStore(make_store(tmp_path / "store", 13))
+    starts = denc.batch_starts(store, 12)
+    assert starts[0] == 0 and starts[-1] == store.n_tokens and all(np.diff(starts) > 0)
+    images = store.sources(np.arange(store.n_tokens))[0]
+    assert all(images[s] != images[s - 1] for s in starts[1:-1])  # batches hold whole images
+    for world in (2, 3, 5, 40):
+        ranges = denc.row_ranges(starts, world)
+        assert ranges[0][0] == 0 and ranges[-1][1] == store.n_tokens
+        assert all(ranges[r][1] == ranges[r + 1][0] for r in range(world - 1))
+        assert all(a in starts and b in starts for a, b in ranges)
+
+
+def test_interrupted_parts_need_the_same_world(tmp_path):
+    store = make_store(tmp_path / "store", 6)
+    job = denc._prepare(sae_of("topk"), store, tmp_path / "out", 12, 3, None, "auto", True, False, None, 2)
+    denc._encode_part(job, 1, 2, False)
+    with pytest.raises(InputError, match="by 2 ranks, but this run has 3"):
+        denc._prepare(sae_of("topk"), store, tmp_path / "out", 12, 3, None, "auto", True, False, None, 3)
+    denc._prepare(sae_of("topk"), store, tmp_path / "out", 12, 3, None, "auto", False, False, None, 3)
+    assert not denc.parts_dir(tmp_path / "out").exists()  # resume=False starts over
+
+
+def _cli_ranks(rank, world, tmp):
+    """`torchrun -m saeengine encode ...` as the CLI hook runs it: the process group from
+    torchrun's environment (launch.distributed), every rank the same arguments."""
+    import argparse
+
+    from saeengine.cli_encode import add_encode_parser
+
+    parser = argparse.ArgumentParser()
+    add_encode_parser(parser.add_subparsers())
+    args = parser.parse_args(["encode", "--sae", f"{tmp}/sae", "--data", f"{tmp}/store", "--out", f"{tmp}/cli",
+                              "--batch-tokens", "12", "--top-k", "3", "--device", "cpu", "--no-progress"])
+    return denc.run_encode_distributed(args)
+
+
+def test_command_line_under_torchrun_environment(tmp_path):
+    store = make_store(tmp_path / "store", 9, paths=True)
+    sae_of("topk").save(tmp_path / "sae")
+    assert run(_cli_ranks, 2, str(tmp_path), timeout=120, init=False) == [0, 0]
+    encode_store(tmp_path / "sae", store, tmp_path / "single", progress=False, device="cpu", **SETTINGS)
+    assert_same_output(tmp_path / "single", tmp_path / "cli")
