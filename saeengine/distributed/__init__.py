@@ -7,6 +7,12 @@
   and the data-axis gradient sum.
 - :mod:`.comm`: the collectives, counted, and the closed-form communication and memory
   arithmetic of each layout.
+- :mod:`.step` and :mod:`.train`: the training step on a slice and the sharded trainer
+  (``saeengine train --mesh``, :mod:`.launch` and :mod:`.cli_train` for torchrun).
+- :mod:`.checkpoint` and :mod:`.data`: sharded checkpoints that reshard; the data axis's
+  part of every batch.
+- :mod:`.per_rank`: one SAE per rank (``--per-rank``); :mod:`.record` and :mod:`.encode`:
+  recording and encoding over ranks, merged on rank 0.
 
 docs/distributed.md describes the layouts and what was measured.
 """
@@ -16,9 +22,11 @@ from .latent_shard import (LatentShardedSAE, ShardedCode, ShardedForwardOutput, 
                            global_total_variance, pack_keys, sharded_topk_decode, train_step, unpack_keys)
 from .mesh import (Mesh, MeshSpec, check_same_config, config_fields, init_mesh, latent_slice, latent_slices,
                    parse_mesh)
+from .step import ShardedTrainStep
+from .train import train_sharded
 
 __all__ = ["CollectiveRecord", "CommLog", "LatentShardedSAE", "Mesh", "MeshSpec", "ShardedCode",
-           "ShardedForwardOutput", "allreduce_data_grads_", "check_same_config", "config_fields", "counting",
+           "ShardedForwardOutput", "ShardedTrainStep", "allreduce_data_grads_", "check_same_config", "config_fields", "counting",
            "ddp_bytes", "global_total_variance", "init_mesh", "latent_axis_bytes", "latent_slice", "latent_slices",
-           "memory_per_rank", "pack_keys", "parse_mesh", "sharded_topk_decode", "train_step", "unpack_keys",
+           "memory_per_rank", "pack_keys", "parse_mesh", "sharded_topk_decode", "train_sharded", "train_step", "unpack_keys",
            "widest_fitting"]
