@@ -309,3 +309,17 @@ def test_checkpoint_of_the_earlier_format_resumes(tmp_path, data_file, caplog):
     # The settings of an old checkpoint are compared too (from its SAEs' provenance).
     with pytest.raises(CheckpointError, match="TrainConfig.k is 4 in this run but 3 in the checkpoint"):
         saeengine.train(data, TrainConfig(**settings(tmp_path / "old-again", total_tokens=STEPS * BATCH, k=4)))
+
+
+def test_a_sharded_checkpoint_is_refused_naming_mesh(tmp_path):
+    """The single-process trainer finding a --mesh run's sharded checkpoint in out_dir says
+    to resume it with --mesh, instead of calling the folder changed by hand."""
+    from saeengine.distributed import checkpoint as sharded
+
+    cfg = TrainConfig(d_sae=16, k=2, batch_size=8, total_tokens=32, device="cpu", progress=False,
+                      out_dir=str(tmp_path), name="m")
+    sae = saeengine.SAE(cfg.sae_config(4), seed=0)
+    shards = [sharded.shard_from_training(sae, lo=lo, hi=hi) for lo, hi in ((0, 8), (8, 16))]
+    sharded.save_sharded_local(tmp_path / "checkpoints", 2, shards, run_id=sharded.new_run_id())
+    with pytest.raises(CheckpointError, match="sharded checkpoint.*resume it with --mesh"):
+        saeengine.train(torch.randn(64, 4), cfg)

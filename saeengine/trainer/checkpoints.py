@@ -128,6 +128,11 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()
+    if not (path / STATE).is_file() and (path / "manifest.json").is_file():  # distributed.checkpoint's MANIFEST
+        raise CheckpointError(f"{pointer} names {path.name}, a sharded checkpoint of a run trained with --mesh "
+                              "(saeengine.distributed.train_sharded); resume it with --mesh (any mesh, also "
+                              "--mesh data=1,latent=1 in one process), or resume=False / another out_dir to start "
+                              "over")
     if not (path / STATE).is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which has no {STATE}; the checkpoint directory "
                               "was changed by hand. Remove it, or resume=False to start over")
