@@ -131,6 +131,12 @@ def _world2(rank, world, data, tmp):
     out["other"] = _error(lambda: train_sharded(data, dataclasses.replace(other, total_tokens=96), "data=1,latent=2"))
     # the ranks disagree on k
     out["k"] = _error(lambda: train_sharded(data, make_cfg(tmp / "k", k=4 + rank), "data=1,latent=2"))
+    # a field that fails a local check on one rank only (architecture): named on both ranks
+    out["arch"] = _error(lambda: train_sharded(data, make_cfg(tmp / "arch", architecture=("topk", "relu")[rank]),
+                                               "data=1,latent=2"))
+    # a global batch that leaves each data rank one token
+    out["tiny"] = _error(lambda: train_sharded(data, make_cfg(tmp / "tiny", batch_size=2, total_tokens=8),
+                                               "data=2,latent=1"))
     # a mesh of 4 processes in a world of 2
     out["world"] = _error(lambda: train_sharded(data, make_cfg(tmp / "w"), "data=2,latent=2"))
     return out
@@ -195,6 +201,10 @@ def check_mismatched_configs_and_world_size(results):
     for rank in (0, 1):
         kind, text = results[rank]["k"]
         assert kind == "ConfigError" and "k: 4 on rank 0; 5 on rank 1" in text
+        kind, text = results[rank]["arch"]
+        assert kind == "ConfigError" and 'architecture: "topk" on rank 0; "relu" on rank 1' in text
+        kind, text = results[rank]["tiny"]
+        assert kind == "ConfigError" and "batch_size=2" in text and "at least 2" in text
         kind, text = results[rank]["world"]
         assert kind == "InputError" and "data=2,latent=2" in text and "4" in text and "torchrun" in text
 

@@ -457,19 +457,12 @@ def save_sharded_local(root: str | Path, step: int, shards: list[TrainingShard],
 
 # ----- saving with torch.distributed ----------------------------------------------------------
 def _all_ok(what: str, error: BaseException | None, group=None) -> None:
-    """Every rank learns whether any rank failed at ``what``; a failure elsewhere raises
-    CheckpointError on this rank too (so no rank waits forever at the next barrier)."""
-    import torch.distributed as dist
+    """comm.agree over ``group``: a failure elsewhere raises CheckpointError on this rank too
+    (so no rank waits forever at the next barrier)."""
+    from . import comm
 
-    world = dist.get_world_size(group)
-    seen: list = [None] * world
-    dist.all_gather_object(seen, None if error is None else f"{type(error).__name__}: {error}", group=group)
-    if error is not None:
-        raise error
-    failed = [(r, e) for r, e in enumerate(seen) if e is not None]
-    if failed:
-        raise CheckpointError(f"{what} failed on rank {failed[0][0]} ({failed[0][1]}); nothing was committed and the "
-                              "checkpoint before stays the latest")
+    comm.agree(error, what, group, raise_as=CheckpointError, label="checkpoint_status",
+               hint="nothing was committed and the checkpoint before stays the latest")
 
 
 def save_sharded(root: str | Path, step: int, shard: TrainingShard, mesh, *, run_id: str, config: dict | None = None,

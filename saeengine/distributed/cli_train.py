@@ -73,5 +73,5 @@ def interrupted_train_distributed(args: argparse.Namespace) -> str:
     if checkpoint is None:
         return (f"interrupted before the first sharded checkpoint; nothing was kept in {out_dir} "
                 "(--checkpoint-every-tokens N checkpoints during a run)")
-    return (f"interrupted; the sharded checkpoint {checkpoint} is kept, and the same command (at any --mesh) "
-            "resumes from it")
+    again = "the same command without --no-resume" if getattr(args, "resume", True) is False else "the same command"
+    return f"interrupted; the sharded checkpoint {checkpoint} is kept, and {again} (at any --mesh) resumes from it"

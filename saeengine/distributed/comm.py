@@ -150,6 +150,63 @@ def broadcast_object(obj, group=None, *, src: int = 0, axis: str = "world", what
     return box[0]
 
 
+def agree(error: BaseException | None, what: str, group=None, *, raise_as: type[Exception] | None = None,
+          hint: str = "", local: bool = False, label: str = "agree") -> None:
+    """Every rank of ``group`` (None: the world) learns whether any rank failed at ``what``:
+    one counted all_gather_object of each rank's outcome, so no rank is left waiting at the
+    next collective. The failing rank raises its own ``error``; every other rank raises
+    ``raise_as`` (CheckpointError for the trainer's and checkpoints' steps), or, with
+    ``raise_as`` None, an error of the failing rank's class where it is one of
+    saeengine.errors' or a builtin exception (a ConfigError stays a ConfigError, so every
+    rank exits with the same code), else InputError. Its message: "<what> failed on
+    rank(s) <ranks>; rank <r>: <Type>: <text>[; <hint>]".
+    ``local=True``: a one-process run (no one to tell): only raises ``error``."""
+    if local:
+        if error is not None:
+            raise error
+        return
+    outcome = None if error is None else (type(error).__module__, type(error).__qualname__, str(error))
+    seen = all_gather_object(outcome, group, axis="world", what=label)
+    if error is not None:
+        raise error
+    failed = [(rank, o) for rank, o in enumerate(seen) if o is not None]
+    if not failed:
+        return
+    rank, (module, name, text) = failed[0]
+    ranks = ",".join(str(r) for r, _ in failed)
+    message = (f"{what} failed on rank{'s' if len(failed) > 1 else ''} {ranks}; rank {rank}: {name}: {text}"
+               + (f"; {hint}" if hint else ""))
+    raise (raise_as or _error_class(module, name))(message)
+
+
+def _error_class(module: str, name: str) -> type[Exception]:
+    """The class of another rank's error, where it can be rebuilt from its message alone:
+    saeengine.errors' classes and builtin exceptions; InputError otherwise."""
+    import builtins
+
+    from .. import errors
+
+    space = {"saeengine.errors": errors, "builtins": builtins}.get(module)
+    cls = getattr(space, name, None) if space is not None else None
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            cls("probe")
+            return cls
+        except Exception:  # noqa: BLE001 - a constructor that needs more than a message
+            pass
+    return errors.InputError
+
+
+def agreed(step, what: str, group=None, **kwargs):
+    """``step()`` on this rank, then :func:`agree` on its outcome; returns its result."""
+    try:
+        result, error = step(), None
+    except Exception as exc:  # noqa: BLE001 - raised by agree, after the other ranks know
+        result, error = None, exc
+    agree(error, what, group, **kwargs)
+    return result
+
+
 # ----- closed forms -------------------------------------------------------------------------
 
 def latent_axis_bytes(n: int, d: int, k: int, p: int, *, k_aux: int = 0, value_bytes: int = 4,

@@ -533,7 +533,8 @@ def allreduce_data_grads_(module: nn.Module, mesh: Mesh | None = None, *,
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
-    return None if extra is None else flat[offset:].view_as(extra).to(extra.dtype)
+    # a copy: a view would keep the whole gradient bucket alive as long as the caller keeps the sums
+    return None if extra is None else flat[offset:].view_as(extra).to(extra.dtype, copy=True)
 
 
 def train_step(module: LatentShardedSAE, optimizer, x: torch.Tensor, dead_mask: torch.Tensor | None = None,

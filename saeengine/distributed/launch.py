@@ -123,9 +123,10 @@ def distributed(mesh: MeshSpec | str, device: str = "auto", *, timeout_s: float 
         return
     world = world_from_env()
     check_world(spec, world)
-    if world is None:  # one plain process: no process group
-        _, dev = backend_and_device(device)
-        yield Mesh.single(dev)
+    if world is None:  # one plain process: no process group, and any device the single-process trainer takes
+        from ..trainer.loop import _device
+
+        yield Mesh.single(_device(device))
         return
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:

@@ -194,7 +194,7 @@ class ShardedTrainStep:
             else:
                 p.grad.copy_(piece)
             offset += n
-        return flat[offset:]
+        return flat[offset:].clone()  # not a view: it would keep the bucket of row gradients alive
 
     @torch.no_grad()
     def _clip_(self, rows: torch.Tensor | None) -> None:

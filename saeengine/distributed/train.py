@@ -91,20 +91,9 @@ def manifest_config(cfg: TrainConfig, source) -> dict:
 
 
 def _agree(mesh: Mesh, error: BaseException | None, what: str) -> None:
-    """Every rank learns whether any rank failed at ``what`` (one all_gather_object): the
-    failing rank raises its error, the others a CheckpointError naming it, so no rank is
-    left waiting at the next collective."""
-    if not mesh.distributed:
-        if error is not None:
-            raise error
-        return
-    seen = comm.all_gather_object(None if error is None else f"{type(error).__name__}: {error}", None,
-                                  axis="world", what="agree")
-    if error is not None:
-        raise error
-    failed = [(rank, text) for rank, text in enumerate(seen) if text is not None]
-    if failed:
-        raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+    """comm.agree over the world (nothing to tell in a one-process mesh): another rank's
+    failure raises CheckpointError here."""
+    comm.agree(error, what, raise_as=CheckpointError, local=not mesh.distributed)
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -205,16 +194,29 @@ class _ShardedRun:
     def __init__(self, data, cfg: TrainConfig, mesh: Mesh):
         from .step import ShardedTrainStep
 
-        ShardedTrainStep.check_config(cfg)
         self.cfg, self.mesh, self.device = cfg, mesh, mesh.device
         self.out_dir = Path(cfg.out_dir)
         self.root = self.out_dir / CHECKPOINTS
-        self.global_source = batch_source(data, cfg.batch_size, cfg.seed, self.device)
-        self.source = shard_batches(self.global_source, mesh.data_rank, mesh.data_size)
+        # The settings first: a field set differently on one rank is then named on every
+        # rank, instead of failing a local check below on that rank alone.
+        check_same_config(mesh, {**cfg.to_dict(), "mesh": str(mesh.spec)}, "training config")
+        error = None
+        try:
+            ShardedTrainStep.check_config(cfg)
+            if cfg.batch_size // mesh.data_size < 2:
+                raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} gives each of the {mesh.data_size} data "
+                                  f"ranks {cfg.batch_size // mesh.data_size} token(s) per step; the FVU needs at "
+                                  f"least 2: use batch_size >= {2 * mesh.data_size} or a smaller data axis")
+            self.global_source = batch_source(data, cfg.batch_size, cfg.seed, self.device)
+            self.source = shard_batches(self.global_source, mesh.data_rank, mesh.data_size)
+            self.module = LatentShardedSAE(cfg.sae_config(self.source.d_in), mesh, device=self.device,
+                                           seed=cfg.seed)
+            self.step = ShardedTrainStep(self.module, cfg, mesh)
+        except Exception as err:  # noqa: BLE001 - told to every rank
+            error = err
+        comm.agree(error, "setting up the run", local=not mesh.distributed)  # the failing rank's error class on all
+        check_same_config(mesh, {"data": self.source.identity()}, "training data")
         self.config = manifest_config(cfg, self.source)
-        check_same_config(mesh, {**cfg.to_dict(), "data": self.source.identity()}, "training config")
-        self.module = LatentShardedSAE(cfg.sae_config(self.source.d_in), mesh, device=self.device, seed=cfg.seed)
-        self.step = ShardedTrainStep(self.module, cfg, mesh)
 
     # ----- start ------------------------------------------------------------------------------
     def start(self, stack: contextlib.ExitStack) -> int | None:
