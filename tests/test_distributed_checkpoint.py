@@ -148,6 +148,13 @@ def test_export_equals_the_gathered_sae(tmp_path):
     assert_same(loaded.state_dict(), sae.state_dict())
     x = torch.randn(8, D, generator=torch.Generator().manual_seed(2))
     assert torch.equal(loaded(x, backend="torch").recon, sae(x, backend="torch").recon)
+    # what the export reads: the SAE's tensors only, the same bits as a full load's
+    full, light = ck.load_full(path, run_id=RUN), ck.load_full(path, run_id=RUN, weights_only=True)
+    assert any(not name.startswith("sae.") for name in {**full.rows, **full.replicated})
+    assert sorted({**light.rows, **light.replicated}) == sorted(
+        name for name in {**full.rows, **full.replicated} if name.startswith("sae."))
+    for name, t in {**light.rows, **light.replicated}.items():
+        assert torch.equal(t, {**full.rows, **full.replicated}[name]), name
 
 
 def test_latent_sharded_modules_roundtrip_across_meshes(tmp_path):

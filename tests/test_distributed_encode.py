@@ -6,6 +6,8 @@ half-way (the folder reads unfinished, a rerun finishes), ranks that disagree or
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from saeengine.errors import ConfigError, InputError, StoreIncompleteError
 from saeengine.eval import encode as enc
 from saeengine.eval.encode import encode_store
 from saeengine.eval.encoded import EncodedDataset
+from saeengine.store import ActivationStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
@@ -50,6 +53,11 @@ def _ranks(rank, world, tmp):
                                 progress=False, **SETTINGS)
     except InputError as exc:
         out["failed"] = f"{type(exc).__name__}: {exc}"
+    try:  # rank 1's settings are invalid (a ConfigError): every rank raises a ConfigError (same exit code)
+        denc.encode_distributed(sae_of("topk"), tmp / "store", tmp / "bad", progress=False, batch_tokens=12,
+                                top_k=3 if rank == 0 else 0)
+    except Exception as exc:  # noqa: BLE001 - the class is what is checked
+        out["bad"] = (type(exc).__name__, str(exc))
     return out
 
 
@@ -82,7 +90,12 @@ def test_two_ranks_equal_one_process_and_a_killed_merge_finishes(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         denc._encode_part(job, 1, 2, False)
     monkeypatch.undo()
-    assert len(denc.read_terms(denc.part_dir(tmp_path / "crashed", 1, 2))) == 2  # the terms of the 2 committed
+    part = denc.part_dir(tmp_path / "crashed", 1, 2)
+    assert len(denc.read_terms(part)) == 2  # the terms of the 2 committed batches, appended (not rewritten)
+    record = (part / denc._MetricIncrements.FILE).stat().st_size // 2
+    assert record == (10 + 2 * ActivationStore(store).d_in) * 8  # what the doc promises a batch costs
+    with open(part / denc._MetricIncrements.FILE, "ab") as fh:  # a batch appended, its commit killed
+        fh.write(b"\xff" * record)
     for rank in range(2):
         denc._encode_part(job, rank, 2, False)
     real, calls = denc._copy_codes, []
@@ -112,6 +125,9 @@ def test_two_ranks_equal_one_process_and_a_killed_merge_finishes(tmp_path, monke
         assert "rank 1" in answer["disagree"]
     assert "failed on rank 1" in answers[0]["failed"] and "missing" in answers[0]["failed"]
     assert "failed on rank" not in answers[1]["failed"] and "missing is not a folder" in answers[1]["failed"]
+    for answer in answers:
+        assert answer["bad"][0] == "ConfigError" and "top_k must be an integer" in answer["bad"][1]
+    assert "failed on rank 1" in answers[0]["bad"][1]
 
 
 def test_row_ranges_split_at_the_single_pass_batches(tmp_path):
@@ -139,10 +155,60 @@ def test_interrupted_parts_need_the_same_world(tmp_path):
     assert not denc.parts_dir(tmp_path / "out").exists()  # resume=False starts over
 
 
+def test_a_parts_folder_this_code_did_not_make_is_refused_not_deleted(tmp_path):
+    store = make_store(tmp_path / "store", 6)
+    theirs = tmp_path / "out.parts"  # the user's own folder, by chance named like the parts folder
+    (theirs / "rank-0-of-2").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(InputError, match=r"out.parts exists but is not the parts folder of a distributed encode"):
+            denc._prepare(sae_of("topk"), store, tmp_path / "out", 12, 3, None, "auto", resume, False, None, 2)
+    assert (theirs / "notes.txt").read_text() == "mine" and (theirs / "rank-0-of-2").is_dir()
+    # ours (marker) but holding a file of someone else: not deleted either, a warning says why
+    job = denc._prepare(sae_of("topk"), store, tmp_path / "ours", 12, 3, None, "auto", True, False, None, 2)
+    denc._encode_part(job, 0, 2, False)
+    (denc.parts_dir(tmp_path / "ours") / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"keep.txt"):
+        denc._prepare(sae_of("topk"), store, tmp_path / "ours", 12, 3, None, "auto", False, False, None, 2)
+    with pytest.warns(UserWarning, match="not removing it"):
+        assert not denc.remove_parts(denc.parts_dir(tmp_path / "ours"), denc.KIND)
+    assert (denc.parts_dir(tmp_path / "ours") / "keep.txt").exists()
+    # a record's parts folder is not an encode's
+    (denc.parts_dir(tmp_path / "ours") / "keep.txt").unlink()
+    with pytest.raises(InputError, match="not the parts folder of a distributed record"):
+        from saeengine.distributed import record as drec
+        drec.check_parts_folder(denc.parts_dir(tmp_path / "ours"), "record")
+    assert denc.remove_parts(denc.parts_dir(tmp_path / "ours"), denc.KIND)
+    assert not denc.parts_dir(tmp_path / "ours").exists()
+
+
+def test_an_out_dir_without_a_name_is_an_input_error(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "store", 6)
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "..", "/"):
+        with pytest.raises(InputError, match="does not name a folder"):
+            denc._prepare(sae_of("topk"), store, out, 12, 3, None, "auto", True, False, None, 2)
+
+
+MERGE_SLOWER_S = 5.0  # rank 0's merge in the CLI test: longer than the collective timeout below
+TIMEOUT_S = "4"
+
+
 def _cli_ranks(rank, world, tmp):
     """`torchrun -m saeengine encode ...` as the CLI hook runs it: the process group from
-    torchrun's environment (launch.distributed), every rank the same arguments."""
+    torchrun's environment (launch.distributed), every rank the same arguments. The
+    collective timeout (SAEENGINE_DIST_TIMEOUT_S) is shorter than rank 0's merge: no rank
+    may wait in a collective while it merges."""
     import argparse
+
+    os.environ["SAEENGINE_DIST_TIMEOUT_S"] = TIMEOUT_S
+    real = denc.merge_parts
+
+    def slow(job, w):  # a merge as slow as one of a big output
+        time.sleep(MERGE_SLOWER_S)
+        return real(job, w)
+
+    denc.merge_parts = slow
 
     from saeengine.cli_encode import add_encode_parser
 

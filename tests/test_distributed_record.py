@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,12 +222,70 @@ def test_interrupted_parts_need_resume_and_the_same_world(tmp_path):
         drec._prepare(tiny_backbone(), images, LAYERS, tmp_path / "out", True, 3, **kw)
     with pytest.raises(InputError, match="need torch.distributed"):
         drec.rank_world(None, 2)
+    with pytest.raises(InputError, match=r"--nproc-per-node <ranks>") as info:  # only a rank given
+        drec.rank_world(1, None)
+    assert "None)" not in str(info.value) and "nproc-per-node None" not in str(info.value)
+
+
+def test_a_parts_folder_this_code_did_not_make_is_refused_not_deleted(tmp_path, monkeypatch):
+    images = make_images(tmp_path / "imgs", 2)
+    kw = {"keep": ("patch",), "dtype": "float16", "stop_early": True, "skip_unreadable": False, "batch_size": 1,
+          "shard_tokens": 64}
+    theirs = tmp_path / "out.parts"  # the user's own folder, by chance named like the parts folder
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(InputError, match="out.parts exists but is not the parts folder of a distributed record"):
+            drec._prepare(tiny_backbone(), images, LAYERS, tmp_path / "out", resume, 2, **kw)
+    with pytest.warns(UserWarning, match="not removing it"):
+        assert not drec.remove_parts(theirs, "record")
+    assert (theirs / "notes.txt").read_text() == "mine"
+    # an empty folder (a claim killed before its marker) is taken over; the finished merge removes it
+    empty = drec.parts_dir(tmp_path / "new")
+    empty.mkdir()
+    prepared = _prepare_parts(tmp_path, images, tmp_path / "new", {"batch_size": 1, "shard_tokens": 64})
+    drec._finish(prepared)
+    assert not empty.exists() and StoreMetadata.read(tmp_path / "new" / "blocks.1").complete
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "..", "/"):
+        with pytest.raises(InputError, match="does not name a folder"):
+            drec._prepare(tiny_backbone(), images, LAYERS, out, True, 2, **kw)
+
+
+def test_another_ranks_error_keeps_its_class_where_it_can():
+    from saeengine import errors
+    from saeengine.distributed import comm
+
+    assert comm._error_class("saeengine.errors", "ConfigError") is errors.ConfigError
+    assert comm._error_class("saeengine.errors", "StoreIncompleteError") is errors.StoreIncompleteError
+    assert comm._error_class("builtins", "OSError") is OSError
+    assert comm._error_class("builtins", "UnicodeDecodeError") is InputError  # needs more than a message
+    assert comm._error_class("mypackage", "MyError") is InputError
+    assert comm._error_class("builtins", "KeyboardInterrupt") is InputError  # not an Exception
+    with pytest.raises(ConfigError, match="boom"):  # one process: its own error, nothing gathered
+        comm.agree(ConfigError("boom"), "testing")
+    comm.agree(None, "testing")
+
+
+MERGE_SLOWER_S = 5.0  # rank 0's merge in the CLI test: longer than the collective timeout below
+TIMEOUT_S = "4"
 
 
 def _cli_ranks(rank, world, tmp):
     """`torchrun -m saeengine record ...` as the CLI hook runs it: the process group from
-    torchrun's environment (launch.distributed), every rank the same arguments."""
+    torchrun's environment (launch.distributed), every rank the same arguments. The
+    collective timeout (SAEENGINE_DIST_TIMEOUT_S) is shorter than rank 0's merge: no rank
+    may wait in a collective while it merges."""
     import argparse
+
+    os.environ["SAEENGINE_DIST_TIMEOUT_S"] = TIMEOUT_S
+    real = drec.merge_parts
+
+    def slow(*args):  # a merge as slow as one of a big recording
+        time.sleep(MERGE_SLOWER_S)
+        return real(*args)
+
+    drec.merge_parts = slow
 
     from saeengine.cli_record import add_record_parser
 

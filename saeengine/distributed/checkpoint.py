@@ -645,10 +645,12 @@ def _empty(spec: dict) -> torch.Tensor:
 
 
 def load_shard(step_dir: str | Path, lo: int, hi: int, *, run_id: str | None = None, config: dict | None = None,
-               verify: bool = True) -> TrainingShard:
+               verify: bool = True, weights_only: bool = False) -> TrainingShard:
     """Latent slice [lo, hi) of a checkpoint, from whichever of its files hold those rows
     (any 0 <= lo <= hi <= F: the checkpoint's own mesh does not matter). ``verify``
-    checks the size and SHA-256 of every file read (each is hashed whole)."""
+    checks the size and SHA-256 of every file read (each is hashed whole).
+    ``weights_only``: only the SAE's tensors ("sae.*"), not the optimizer state (an
+    export reads a third of the bytes into memory)."""
     step_dir = Path(step_dir)
     data = read_manifest(step_dir, run_id=run_id, config=config)
     F = data["d_sae"]
@@ -656,12 +658,13 @@ def load_shard(step_dir: str | Path, lo: int, hi: int, *, run_id: str | None = N
         raise ConfigError(f"slice [{lo}, {hi}) is not inside [0, {F}) (the checkpoint's F); compute it with "
                           "saeengine.distributed.mesh.latent_slice(F, latent_rank, latent_size)")
     files = sorted(data["files"], key=lambda r: r["lo"])
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in files[0]["tensors"]}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in files[0]["tensors"]
+                                             if not weights_only or name.startswith("sae.")}
     for rec in files:
         a, b = max(lo, rec["lo"]), min(hi, rec["hi"])
-        if set(rec["tensors"]) != set(parts):
+        if set(rec["tensors"]) != set(files[0]["tensors"]):
             raise _bad(step_dir / MANIFEST, f"{rec['file']} holds tensors {sorted(rec['tensors'])}, "
-                                            f"{files[0]['file']} holds {sorted(parts)}")
+                                            f"{files[0]['file']} holds {sorted(files[0]['tensors'])}")
         if a >= b:
             continue
         path = _verify_file(step_dir, rec) if verify else step_dir / rec["file"]
@@ -676,7 +679,8 @@ def load_shard(step_dir: str | Path, lo: int, hi: int, *, run_id: str | None = N
     rep_path = _verify_file(step_dir, data["replicated"]) if verify else step_dir / REPLICATED_FILE
     try:
         with safe_open(str(rep_path), framework="pt") as fh:
-            replicated = {name: fh.get_tensor(name) for name in fh.keys()}
+            replicated = {name: fh.get_tensor(name) for name in fh.keys()
+                          if not weights_only or name.startswith("sae.")}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{rep_path}: unreadable ({err}); restore it, or resume from an earlier "
                               "checkpoint") from err
@@ -706,7 +710,7 @@ def export_sae(step_dir: str | Path, out_dir: str | Path, *, run_id: str | None 
                config: dict | None = None) -> Path:
     """Gather every slice of a sharded checkpoint into one SAE and write it in saeengine's
     single-file format (``SAE.load(out_dir)`` reads it); returns ``out_dir``."""
-    shard = load_full(step_dir, run_id=run_id, config=config)
+    shard = load_full(step_dir, run_id=run_id, config=config, weights_only=True)
     sae = sae_from_shard(shard)
     return sae.save(out_dir, provenance={"exported_from": str(step_dir), "run_id": shard.meta["run_id"],
                                          "step": shard.meta["step"], "mesh": shard.meta["mesh"]})

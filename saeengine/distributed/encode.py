@@ -12,9 +12,11 @@ of a torch.distributed world, each on its own rows of the store:
    accumulators, the code files, a commit every minute) over its run into
    ``<out>.parts/rank-<r>-of-<W>/``, ending with a final commit (resume.safetensors: the
    exact states and counts). Beside it, every batch's terms of the metrics' float64 sums
-   (a fresh accumulator with the single pass's shift, fed that batch alone) go to
-   metric_terms.safetensors, written before each commit;
-3. after an ``all_gather_object`` of every rank's outcome, rank 0 merges into ``out``: the
+   (a fresh accumulator with the single pass's shift, fed that batch alone) are appended
+   to metric_terms.bin before each commit;
+3. after an ``all_gather_object`` of every rank's outcome (the last collective: the other
+   ranks return None, so none waits in a collective while rank 0 merges), rank 0 merges
+   into ``out``: the
    code rows copied from the parts batch by batch (CSR offsets shifted), the latent
    statistics' float64 sums replayed from those codes as LatentStats adds them, the
    metrics' terms added in the single pass's order, the integer counts and histograms
@@ -37,8 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
-import shutil
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,23 +49,14 @@ from .._lock import exclusive_lock
 from ..errors import InputError, StoreError
 from ..eval import encode as enc
 from ..eval.encode import _Pass
+from . import comm
 from .mesh import Mesh, MeshSpec, check_same_config
-from .record import _on_every_rank, rank_world
+from .record import check_parts_folder, claim_parts, named_out_dir, part_dir, parts_dir, rank_world, remove_parts
 
-_PART = re.compile(r"rank-(\d+)-of-(\d+)")
+KIND = "encode"  # the parts folder's marker (record.claim_parts)
 
 __all__ = ["batch_starts", "encode_distributed", "merge_parts", "part_dir", "parts_dir", "row_ranges",
            "run_encode_distributed"]
-
-
-def parts_dir(out_dir: Path) -> Path:
-    """The ranks' part passes: a sibling of ``out_dir`` (out_dir may only hold encode files)."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + ".parts")
-
-
-def part_dir(out_dir: Path, rank: int, world: int) -> Path:
-    return parts_dir(out_dir) / f"rank-{rank}-of-{world}"
 
 
 def batch_starts(store, batch_tokens: int) -> list[int]:
@@ -111,24 +103,35 @@ def encode_distributed(sae, store, out_dir, *, batch_tokens: int = 8192, top_k: 
     """:func:`~saeengine.eval.encode.encode_store` over the ranks of torch.distributed: every
     rank calls it with the same arguments (``device``: this rank's, e.g. cuda:LOCAL_RANK;
     None as encode_store); returns the merged output's EncodedDataset on every rank. One
-    process (no torch.distributed, or a world of 1): exactly encode_store."""
+    process (no torch.distributed, or a world of 1): exactly encode_store.
+
+    Rank 0 returns the merged output's EncodedDataset once it is written; the other ranks
+    return None as soon as every part is encoded (they wait in no collective while rank 0
+    merges, which can take longer than the collective timeout)."""
     from ..eval.encode import encode_store
 
-    rank, world = rank_world(rank, world)
+    asked, (rank, world) = (rank, world), rank_world()
     if world == 1:
+        rank_world(*asked)  # InputError for a rank or world this process does not have
         return encode_store(sae, store, out_dir, batch_tokens=batch_tokens, top_k=top_k, device=device,
                             backend=backend, resume=resume, progress=progress, sae_dir=sae_dir)
-    out_dir = Path(out_dir)
-    job = _on_every_rank(lambda: _prepare(sae, store, out_dir, batch_tokens, top_k, device, backend, resume, progress,
-                                          sae_dir, world), "checking the encode settings")
+    # The first collective, cheap: every rank is here, so rank 0 is past the merge of an
+    # earlier call and every rank sees the folders as they are now; a wrong rank or world
+    # given on one rank fails every rank.
+    comm.agreed(lambda: (rank_world(*asked), named_out_dir(out_dir)), "starting", label="start")
+    job = comm.agreed(lambda: _prepare(sae, store, out_dir, batch_tokens, top_k, device, backend, resume, progress,
+                                       sae_dir, world, rank), "checking the encode settings", label="status")
     check_same_config(Mesh(MeshSpec(data=world, latent=1), rank, rank, 0), job.fields, "encode setting")
     if not job.done:
-        _on_every_rank(lambda: _encode_part(job, rank, world, progress and rank == 0),
-                       f"encoding the parts in {parts_dir(out_dir)}")
-    _on_every_rank(lambda: _finish(job, world) if rank == 0 else None, f"merging the parts into {out_dir}")
+        comm.agreed(lambda: _encode_part(job, rank, world, progress and rank == 0),
+                    f"encoding the parts in {parts_dir(job.out_dir)}", label="status")
+    # The last collective: from here rank 0 works alone (the merge), the others are done.
+    if rank != 0:
+        return None
+    _finish(job, world)
     from ..eval.encoded import EncodedDataset
 
-    return EncodedDataset(out_dir)
+    return EncodedDataset(job.out_dir)
 
 
 @dataclasses.dataclass
@@ -146,10 +149,12 @@ class _Job:
     done: bool        # out_dir holds the finished encoding of this SAE, store and settings
 
 
-def _prepare(sae, store, out_dir, batch_tokens, top_k, device, backend, resume, progress, sae_dir, world) -> _Job:
+def _prepare(sae, store, out_dir, batch_tokens, top_k, device, backend, resume, progress, sae_dir, world,
+             rank: int = 0) -> _Job:
     from ..errors import DataError
     from ..eval.encoded import SUMMARY, check_out_dir, read_summary
 
+    out_dir = named_out_dir(out_dir)
     enc._check_settings(batch_tokens, top_k, resume, progress, backend)
     check_out_dir(out_dir)
     store = enc._open_store(store)
@@ -165,22 +170,24 @@ def _prepare(sae, store, out_dir, batch_tokens, top_k, device, backend, resume, 
     if done:  # a finished folder of another SAE / store / settings raises DataMismatchError, as encode_store does
         summary = read_summary(out_dir)
         enc._check_same(out_dir, summary, summary["settings"], ident, settings, "the finished encoding")
-    elif parts_dir(out_dir).is_dir():
+    elif resume or rank == 0:  # resume=False: rank 0 alone removes old parts (the others would race it)
         _check_parts(out_dir, resume, world)
     fields = {"sae_checksum": ident["sae"]["checksum"], "sae_dir": ident["sae"]["dir"],
               "store_dir": ident["store"]["dir"], "store_content_hash": ident["store"]["content_hash"], **settings,
               "out_dir": str(out_dir.resolve()), "resume": resume, "backend": backend, "device_type": device.type,
-              "world": world}
+              "world": world, "done": done}
     starts = [] if done else batch_starts(store, settings["batch_tokens"])
     return _Job(sae, sae_dir, store, out_dir, device, backend, settings, ident, starts, fields, done)
 
 
 def _check_parts(out_dir: Path, resume: bool, world: int) -> None:
     parts = parts_dir(out_dir)
-    if not resume:  # start over: the parts of an interrupted run go
-        shutil.rmtree(parts, ignore_errors=True)
+    worlds = check_parts_folder(parts, KIND)  # InputError for a folder this code did not make
+    if worlds is None:
         return
-    worlds = sorted({int(m.group(2)) for p in parts.iterdir() if (m := _PART.fullmatch(p.name))})
+    if not resume:  # start over: the parts of an interrupted run go
+        remove_parts(parts, KIND)
+        return
     if worlds and worlds != [world]:
         raise InputError(f"{parts} holds the parts of an encode by {worlds[0]} ranks, but this run has {world}; "
                          f"resume it with {worlds[0]} ranks, or pass resume=False (CLI: --no-resume) to start over")
@@ -198,6 +205,7 @@ def _encode_part(job: _Job, rank: int, world: int, progress: bool) -> None:
     from ..eval.encode_files import CodeFiles
     from ..eval.encoded import RESUME
 
+    claim_parts(parts_dir(job.out_dir), KIND)
     a, b = row_ranges(job.starts, world)[rank]
     if a == b:
         return
@@ -250,57 +258,111 @@ class _MetricIncrements:
     """Every batch's exact contribution to the metrics' sums, as the single pass adds it
     (``s[key] += batch term``): a fresh accumulator (the single pass's shift) fed one batch
     holds exactly those terms (0 + t = t). Rank 0 adds them up in the single pass's order,
-    which gives its float64 sums bit for bit. Kept in ``metric_terms.safetensors``, written
-    before each commit; entries past the committed batches are a commit that did not happen."""
+    which gives its float64 sums bit for bit.
 
-    FILE = "metric_terms.safetensors"
+    Files: ``metric_shift.safetensors`` (the shift [d] float64, written once) and
+    ``metric_terms.bin``, append-only: one fixed-size record a batch (the keys of
+    :func:`_term_layout` in order, raw little-endian bytes: (10 + 2 d) x 8 bytes), appended
+    and fsynced before each commit; on resume it is cut back to the committed batches
+    (records past them are a commit that did not happen)."""
+
+    FILE = "metric_terms.bin"
+    SHIFT = "metric_shift.safetensors"
 
     def __init__(self, directory: Path, shift: torch.Tensor, batches: int):
-        self.path, self.shift = Path(directory) / self.FILE, shift.cpu()
-        self.terms: list[dict[str, torch.Tensor]] = []
-        if batches:
-            self.terms = read_terms(directory)[:batches]
-            if len(self.terms) != batches:
-                raise StoreError(f"{self.path} holds {len(self.terms)} batches' metric terms, the last commit "
-                                 f"{batches}; delete {directory} and run again to encode that part over")
+        from safetensors.torch import save_file
 
-    def add(self, tokens) -> None:
+        from .._atomic import atomic_write
+
+        self.directory, self.shift = Path(directory), shift.cpu().contiguous()
+        self.path = self.directory / self.FILE
+        self.record = _record_bytes(self.shift.shape[0])
+        self.pending: list[bytes] = []
+        if batches == 0:  # a new part: its shift, and no terms yet
+            atomic_write(self.directory / self.SHIFT, lambda tmp: save_file({"shift": self.shift}, str(tmp)))
+            with open(self.path, "wb") as fh:
+                os.fsync(fh.fileno())
+            return
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < batches * self.record or not torch.equal(_read_shift(self.directory), self.shift):
+            raise StoreError(f"{self.path} holds {size // self.record} batches' metric terms (or another shift), "
+                             f"the last commit {batches}; delete {self.directory} and run again to encode that "
+                             "part over")
+        os.truncate(self.path, batches * self.record)
+
+    def add(self, tokens) -> dict[str, torch.Tensor]:
+        """One batch's terms (kept for the next commit), as a dict of CPU tensors."""
         from ..eval.metrics import ReconstructionMetrics
 
         one = ReconstructionMetrics()
         one.load_state_dict(_preset_metrics(self.shift))
         one.update(tokens)
-        self.terms.append({k: t for k, t in one.state_dict().items() if k != "shift"})
+        terms = {k: t for k, t in one.state_dict().items() if k != "shift"}
+        self.pending.append(b"".join(terms[k].contiguous().numpy().tobytes() for k, _, _ in
+                                     _term_layout(self.shift.shape[0])))
+        return terms
 
     def save(self) -> None:
-        from safetensors.torch import save_file
-
-        from .._atomic import atomic_write
-
-        keys = sorted(self.terms[0]) if self.terms else []
-        tensors = {k: torch.stack([t[k] for t in self.terms]).contiguous() for k in keys}
-        tensors["shift"] = self.shift.contiguous()
-        atomic_write(self.path, lambda tmp: save_file(tensors, str(tmp)))
+        """Append the batches since the last commit, durably (before the commit that counts them)."""
+        with open(self.path, "ab") as fh:
+            fh.write(b"".join(self.pending))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.pending = []
 
 
-def read_terms(directory: Path) -> list[dict[str, torch.Tensor]]:
+def _term_layout(d: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(key, dtype, shape) of a batch's terms, in record order."""
+    state = _preset_metrics(torch.zeros(d, dtype=torch.float64))
+    return [(k, t.dtype, tuple(t.shape)) for k, t in sorted(state.items()) if k != "shift"]
+
+
+def _record_bytes(d: int) -> int:
+    return sum(torch.zeros(shape, dtype=dtype).numel() * torch.zeros((), dtype=dtype).element_size()
+               for _, dtype, shape in _term_layout(d))
+
+
+def _read_shift(directory: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(directory) / _MetricIncrements.FILE))
-    keys = [k for k in tensors if k != "shift"]
-    n = tensors[keys[0]].shape[0] if keys else 0
-    return [{k: tensors[k][i] for k in keys} for i in range(n)]
+    return load_file(str(Path(directory) / _MetricIncrements.SHIFT))["shift"]
+
+
+def read_terms(directory: Path, batches: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The first ``batches`` (None: all) records of a part's metric_terms.bin."""
+    d = _read_shift(directory).shape[0]
+    layout, record = _term_layout(d), _record_bytes(d)
+    raw = np.fromfile(Path(directory) / _MetricIncrements.FILE, dtype=np.uint8)
+    n = len(raw) // record if batches is None else batches
+    if n * record > len(raw):
+        raise StoreError(f"{Path(directory) / _MetricIncrements.FILE} holds {len(raw) // record} batches' metric "
+                         f"terms, the last commit {n}; delete {directory} and run again to encode that part over")
+    out = []
+    for i in range(n):
+        offset, terms = i * record, {}
+        for key, dtype, shape in layout:
+            count = int(np.prod(shape)) if shape else 1
+            t = torch.frombuffer(bytearray(raw[offset:offset + count * torch.zeros((), dtype=dtype).element_size()]),
+                                 dtype=dtype)
+            offset += t.numel() * t.element_size()
+            terms[key] = t.reshape(shape)
+        out.append(terms)
+    return out
 
 
 class _Logged:
-    """The metrics accumulator, each batch's terms also kept (state as the accumulator's)."""
+    """The metrics accumulator of a part: each batch's terms computed once (kept for the
+    merge) and added to the state, as the accumulator's own update adds them."""
 
     def __init__(self, inner, log: _MetricIncrements):
         self.inner, self.log = inner, log
 
     def update(self, tokens) -> None:
-        self.log.add(tokens)
-        self.inner.update(tokens)
+        terms = self.log.add(tokens)
+        state = self.inner.state_dict()
+        if state["shift"].shape != self.log.shift.shape:  # fresh: the part's sums are kept with the global shift
+            state = _preset_metrics(self.log.shift)
+        self.inner.load_state_dict({k: t if k == "shift" else t + terms[k] for k, t in state.items()})
 
     def state_dict(self):
         return self.inner.state_dict()
@@ -334,7 +396,7 @@ class _PartPass(_Pass):
 def _finish(job: _Job, world: int) -> None:
     if not job.done:
         merge_parts(job, world)
-    shutil.rmtree(parts_dir(job.out_dir), ignore_errors=True)
+    remove_parts(parts_dir(job.out_dir), KIND)
 
 
 def merge_parts(job: _Job, world: int) -> None:
@@ -380,16 +442,11 @@ def merge_parts(job: _Job, world: int) -> None:
 
 def _replay_metrics(job: _Job, parts) -> dict[str, torch.Tensor]:
     """The metrics state of the single pass: its shift, every batch's terms added in its order."""
-    from safetensors import safe_open
-
-    shift = None
     state = None
     for directory, a, b, found in parts:
-        with safe_open(str(directory / _MetricIncrements.FILE), "pt") as f:
-            shift = f.get_tensor("shift") if shift is None else shift
         if state is None:
-            state = _preset_metrics(shift)
-        for terms in read_terms(directory)[:int(found.progress["batches"])]:
+            state = _preset_metrics(_read_shift(directory))
+        for terms in read_terms(directory, int(found.progress["batches"])):
             for key, t in terms.items():
                 state[key] = state[key] + t  # the single pass's s[key] += term, in its order
     return state

@@ -12,7 +12,9 @@ of a torch.distributed world on its own part of the images:
    with the unchanged single-process code into ``<out_dir>.parts/rank-<r>-of-<W>/``, a
    resumable recording folder of its own whose stores keep every image's global path;
 3. after an ``all_gather_object`` of every rank's outcome (a failing rank fails them all,
-   none is left waiting), rank 0 merges the parts into ``<out_dir>.parts/merged/``: per
+   with the same error class, none is left waiting; the last collective: the other ranks
+   return None here, so none waits in a collective, whose timeout the merge could pass,
+   while rank 0 merges), rank 0 merges the parts into ``<out_dir>.parts/merged/``: per
    layer, the shards a single process would have cut (its rule replayed on the parts'
    token counts: a shard is committed after the batch that fills ``shard_tokens``, and
    after the last batch) from the parts' shard files, **hard-linked** where a part shard
@@ -22,6 +24,11 @@ of a torch.distributed world on its own part of the images:
    the single-process identity (``extra`` with the global image count and fingerprint),
    progress, shard list and content hash; recording.json with the global settings;
 4. rank 0 renames ``merged/`` to ``out_dir`` (one atomic rename), then removes the parts.
+
+The parts folder carries a marker (``.saeengine-parts.json``): a ``<out_dir>.parts`` folder
+without it, or holding files of its own, is refused (InputError) and never deleted. The
+merge reads the parts' sources one output shard at a time (its memory does not grow with
+the recording).
 
 The result equals the single-process recording of the same images: rows, sources, image
 paths, meta.json fields (content hash included) and recording.json.
@@ -39,32 +46,38 @@ system): rank 0 reads every part.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch.distributed as dist
 
-from .._atomic import fsync_directory
+from .._atomic import atomic_write_bytes, fsync_directory
 from ..errors import ConfigError, InputError, StoreError
 from ..store.metadata import (IMAGES_FILE, SOURCE_COLUMNS, ImagesInfo, ShardInfo, StoreMetadata, digest,
                               file_digest, shard_paths)
 from ..store.reader import check_shard_files
+from ..store.writer import _write_durably
 from . import comm
 from .mesh import Mesh, MeshSpec, check_same_config
 
 PARTS_SUFFIX = ".parts"
 MERGED = "merged"
-_PART = re.compile(r"rank-(\d+)-of-(\d+)")
+PARTS_MARKER = ".saeengine-parts.json"  # what makes a <out>.parts folder ours (deletable)
+PART_NAME = re.compile(r"rank-(\d+)-of-(\d+)")
+_OURS = re.compile(r"rank-\d+-of-\d+|merged|\.lock|" + re.escape(PARTS_MARKER) + r"|\..+\.tmp-[0-9a-f]+")
 _CHUNK_ROWS = 1 << 16  # rows copied at a time when a shard must be cut from several part shards
 
-__all__ = ["merge_parts", "part_dir", "part_ranges", "parts_dir", "rank_world", "record_distributed",
-           "run_record_distributed", "shard_cycle", "single_process_shards", "slice_inputs", "split_images"]
+__all__ = ["check_parts_folder", "claim_parts", "merge_parts", "named_out_dir", "part_dir", "part_ranges",
+           "parts_dir", "rank_world", "record_distributed", "remove_parts", "run_record_distributed", "shard_cycle",
+           "single_process_shards", "slice_inputs", "split_images"]
 
 
 # ----- ranks and parts ------------------------------------------------------------------------
@@ -78,8 +91,9 @@ def rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, 
                              f"of {actual[1]}; leave them out (None) to use torch.distributed's")
         return actual
     if (world or 1) > 1 or (rank or 0) != 0:
-        raise InputError(f"rank={rank}, world={world} need torch.distributed: launch with torchrun "
-                         f"--nproc-per-node {world} (or call torch.distributed.init_process_group first)")
+        launch = f"torchrun --nproc-per-node {world}" if world else "torchrun --nproc-per-node <ranks>"
+        raise InputError(f"rank={rank}, world={world} need torch.distributed: launch with {launch} (or call "
+                         "torch.distributed.init_process_group first), or leave rank and world out for one process")
     return 0, 1
 
 
@@ -137,15 +151,83 @@ def _probe_tokens(backbone, items, layers: list[str], kwargs: dict) -> dict[str,
     return tokens if all(tokens.values()) else None
 
 
+def named_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; InputError when it names no folder ("." or "..": the parts
+    live beside it, ``<name>.parts``, and the merge ends with a rename onto it)."""
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):
+        raise InputError(f"out_dir {str(out_dir)!r} does not name a folder: the ranks' parts go beside it, into "
+                         "<name>.parts; give the output folder by name (e.g. out_dir='acts', or '../acts')")
+    return out_dir
+
+
 def parts_dir(out_dir: Path) -> Path:
     """Where the ranks' parts and the merge in progress live: a sibling of out_dir (the
     merge ends with one rename of a folder beside out_dir onto out_dir)."""
-    out_dir = Path(out_dir)
+    out_dir = named_out_dir(out_dir)
     return out_dir.with_name(out_dir.name + PARTS_SUFFIX)
 
 
 def part_dir(out_dir: Path, rank: int, world: int) -> Path:
     return parts_dir(out_dir) / f"rank-{rank}-of-{world}"
+
+
+def _marker(kind: str) -> dict:
+    return {"format": f"saeengine-distributed-{kind}-parts", "version": 1}
+
+
+def check_parts_folder(parts: Path, kind: str) -> list[int] | None:
+    """The world sizes of the parts in ``parts`` (a ``kind`` = "record" / "encode" parts
+    folder made by :func:`claim_parts`), None when there is no such folder. An empty folder
+    is one whose claim was interrupted. InputError for a folder this code did not make (no
+    marker, another kind's marker, or files of its own): it is never used nor deleted."""
+    if not parts.is_dir():
+        if parts.exists():
+            raise InputError(f"{parts} is a file, where the ranks' parts go; move it away")
+        return None
+    entries = list(parts.iterdir())
+    if not entries:
+        return []
+    marker = parts / PARTS_MARKER
+    try:
+        found = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        found = None
+    foreign = sorted(p.name for p in entries if not _OURS.fullmatch(p.name))
+    if found != _marker(kind) or foreign:
+        why = (f"it holds {foreign[:3]}" if foreign and found == _marker(kind) else
+               f"it has no {PARTS_MARKER} of a distributed {kind}")
+        raise InputError(f"{parts} exists but is not the parts folder of a distributed {kind} ({why}); it is left "
+                         "as it is: move it away, or choose another output folder")
+    return sorted({int(m.group(2)) for p in entries if (m := PART_NAME.fullmatch(p.name))})
+
+
+def claim_parts(parts: Path, kind: str) -> None:
+    """Create ``parts`` with its marker (every rank, before writing its part: the marker is
+    in place before any part is; each rank writes the same bytes, atomically)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    marker = parts / PARTS_MARKER
+    if not marker.exists():
+        atomic_write_bytes(marker, json.dumps(_marker(kind)).encode())
+        fsync_directory(parts)
+
+
+def remove_parts(parts: Path, kind: str) -> bool:
+    """Delete ``parts`` if this code made it (:func:`check_parts_folder`); a folder that is
+    not ours is left with a warning. Returns whether it was removed (or absent)."""
+    try:
+        check_parts_folder(parts, kind)
+    except InputError as exc:
+        warnings.warn(f"not removing it: {exc}", stacklevel=2)
+        return False
+    if parts.exists():
+        marker = parts / PARTS_MARKER
+        for entry in parts.iterdir():  # the marker last: a kill half-way leaves a folder still ours
+            if entry != marker:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        marker.unlink(missing_ok=True)
+        parts.rmdir()
+    return True
 
 
 class _PartInputs:
@@ -181,32 +263,42 @@ def record_distributed(backbone, images, layers: Sequence[str], out_dir: str | P
                        keep: Sequence[str] = ("patch",), batch_size: int = 32, dtype: str = "float16",
                        shard_tokens: int = 1 << 18, progress: bool = True, stop_early: bool = True,
                        resume: bool = False, skip_unreadable: bool = False, rank: int | None = None,
-                       world: int | None = None) -> dict[str, Path]:
+                       world: int | None = None) -> dict[str, Path] | None:
     """:func:`~saeengine.backbones.record_activations` over the ranks of torch.distributed:
-    every rank calls it with the same arguments; returns {layer as given: store directory}
-    on every rank once the merged recording is in ``out_dir``. One process (no
-    torch.distributed, or a world of 1): exactly record_activations.
+    every rank calls it with the same arguments. Rank 0 merges the parts and returns
+    {layer as given: store directory} once the merged recording is in ``out_dir``; the
+    other ranks return None as soon as every part is recorded (they wait in no collective
+    while rank 0 merges, which can take longer than the collective timeout). One process
+    (no torch.distributed, or a world of 1): exactly record_activations.
 
     ``resume=True`` continues an interrupted distributed recording (each rank's part from
     its last commit, then the merge), or returns a finished one with the same settings.
     Needs the same world size as the interrupted run (InputError otherwise).
     """
-    rank, world = rank_world(rank, world)
+    asked, (rank, world) = (rank, world), rank_world()
     kwargs = dict(keep=keep, batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens, stop_early=stop_early,
                   skip_unreadable=skip_unreadable)
     if world == 1:
         from ..backbones import record_activations
 
+        rank_world(*asked)  # InputError for a rank or world this process does not have
+
         return record_activations(backbone, images, layers, out_dir, progress=progress, resume=resume, **kwargs)
-    out_dir = Path(out_dir)
-    prepared = _on_every_rank(lambda: _prepare(backbone, images, layers, out_dir, resume, world, **kwargs),
-                              "checking the settings")
+    # The first collective, cheap: every rank is here, so rank 0 is past the merge of an
+    # earlier call and every rank sees the folders as they are now; a wrong rank or world
+    # given on one rank fails every rank.
+    comm.agreed(lambda: (rank_world(*asked), named_out_dir(out_dir)), "starting", label="start")
+    prepared = comm.agreed(lambda: _prepare(backbone, images, layers, out_dir, resume, world, **kwargs),
+                           "checking the settings", label="status")
     check_same_config(Mesh(MeshSpec(data=world, latent=1), rank, rank, 0), prepared.fields, "recording setting")
     if not prepared.done:
-        _on_every_rank(lambda: _record_part(backbone, prepared, rank, world, progress and rank == 0, **kwargs),
-                       f"recording the parts in {parts_dir(out_dir)}")
-    _on_every_rank(lambda: _finish(prepared, world) if rank == 0 else None, f"merging the parts into {out_dir}")
-    return {given: out_dir / layer for given, layer in prepared.layer_names.items()}
+        comm.agreed(lambda: _record_part(backbone, prepared, rank, world, progress and rank == 0, **kwargs),
+                    f"recording the parts in {parts_dir(prepared.out_dir)}", label="status")
+    # The last collective: from here rank 0 works alone (the merge), the others are done.
+    if rank != 0:
+        return None
+    _finish(prepared)
+    return {given: prepared.out_dir / layer for given, layer in prepared.layer_names.items()}
 
 
 @dataclasses.dataclass
@@ -225,6 +317,7 @@ def _prepare(backbone, images, layers, out_dir: Path, resume: bool, world: int, 
     from ..backbones.recording_settings import (RECORDING_FILE, check_arguments, check_out_dir, check_same_settings,
                                                 settings_of)
 
+    out_dir = named_out_dir(out_dir)
     layer_names, keep = check_arguments(backbone, layers, keep, batch_size, dtype, shard_tokens)
     check_out_dir(out_dir, resume)
     items = backbone.load_inputs(images)
@@ -248,7 +341,7 @@ def _prepare(backbone, images, layers, out_dir: Path, resume: bool, world: int, 
         cycle = None if tokens is None else shard_cycle(tokens, batch_size, shard_tokens)
         ranges = split_images(len(items), batch_size, world, cycle)
     fields = {**settings, "out_dir": str(out_dir.resolve()), "resume": resume, "stop_early": stop_early,
-              "skip_unreadable": skip_unreadable, "world": world, "ranges": ranges}
+              "skip_unreadable": skip_unreadable, "world": world, "ranges": ranges, "done": done}
     return _Prepared(out_dir, items, layer_names, settings, ranges, fields, done)
 
 
@@ -261,41 +354,22 @@ def _complete(store_dir: Path) -> bool:
 
 def _check_parts(out_dir: Path, resume: bool, world: int) -> None:
     parts = parts_dir(out_dir)
-    if not parts.is_dir():
+    worlds = check_parts_folder(parts, "record")
+    if worlds is None:
         return
     if not resume:
         raise ConfigError(f"{parts} holds the parts of an interrupted distributed recording into {out_dir}; pass "
                           f"resume=True (CLI: --resume) to continue it, or delete {parts} to start over")
-    worlds = sorted({int(m.group(2)) for p in parts.iterdir() if (m := _PART.fullmatch(p.name))})
     if worlds and worlds != [world]:
         raise InputError(f"{parts} holds the parts of a recording by {worlds[0]} ranks, but this run has {world}; "
                          f"resume it with {worlds[0]} ranks (torchrun --nproc-per-node {worlds[0]}), or delete "
                          f"{parts} to record over again with {world}")
 
 
-def _on_every_rank(step, what: str):
-    """Run ``step`` on this rank; one all_gather_object of every rank's outcome. A failure
-    on any rank raises on every rank (its own exception where it happened, an error naming
-    that rank elsewhere), so no rank is left waiting in a later collective."""
-    try:
-        result, error = step(), None
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
-        result, error = None, exc
-    outcomes = comm.all_gather_object(None if error is None else f"{type(error).__name__}: {error}", None,
-                                      axis="world", what="status")
-    if error is not None:
-        raise error
-    failed = [(r, text) for r, text in enumerate(outcomes) if text is not None]
-    if failed:
-        r, text = failed[0]
-        ranks = ",".join(str(r) for r, _ in failed)
-        raise InputError(f"{what} failed on rank{'s' if len(failed) > 1 else ''} {ranks}; rank {r}: {text}")
-    return result
-
-
 def _record_part(backbone, prepared: _Prepared, rank: int, world: int, progress: bool, **kwargs) -> None:
     from ..backbones import record_activations
 
+    claim_parts(parts_dir(prepared.out_dir), "record")
     lo, hi = prepared.ranges[rank]
     if hi == lo:  # more ranks than batches: this one has nothing to record
         return
@@ -306,13 +380,11 @@ def _record_part(backbone, prepared: _Prepared, rank: int, world: int, progress:
                        part_dir(prepared.out_dir, rank, world), progress=progress, resume=True, **kwargs)
 
 
-def _finish(prepared: _Prepared, world: int) -> None:
+def _finish(prepared: _Prepared) -> None:
     """Rank 0: merge the parts (unless out_dir holds the result already), then remove them."""
-    parts = parts_dir(prepared.out_dir)
     if not prepared.done:
         merge_parts(prepared.out_dir, prepared.settings, prepared.items, prepared.ranges)
-    if parts.exists():
-        shutil.rmtree(parts)
+    remove_parts(parts_dir(prepared.out_dir), "record")
 
 
 # ----- the merge ------------------------------------------------------------------------------
@@ -324,7 +396,6 @@ class _Part:
     lo: int
     hi: int
     meta: StoreMetadata
-    sources: np.ndarray      # [tokens, 2] int64, image indices local to the part
 
 
 def merge_parts(out_dir: Path, settings: dict, items, ranges: list[tuple[int, int]]) -> None:
@@ -336,7 +407,7 @@ def merge_parts(out_dir: Path, settings: dict, items, ranges: list[tuple[int, in
     it again starts the merge over."""
     from ..backbones.recording_settings import write_settings
 
-    out_dir, parts = Path(out_dir), parts_dir(out_dir)
+    out_dir, parts = named_out_dir(out_dir), parts_dir(out_dir)
     staging = parts / MERGED
     if staging.exists():  # an earlier merge that did not finish: its files are links or copies
         shutil.rmtree(staging)
@@ -363,10 +434,33 @@ def _open_part(directory: Path, lo: int, hi: int) -> _Part:
         raise StoreError(f"{directory} (the part of images {lo}..{hi - 1}) is not finished; rerun the recording "
                          "with resume=True (CLI: --resume) to finish it")
     check_shard_files(directory, meta)
-    sources = [np.fromfile(shard_paths(directory, s.name)[1], dtype=meta.source_dtype).reshape(-1, SOURCE_COLUMNS)
-               for s in meta.shards]
-    sources = np.concatenate(sources) if sources else np.zeros((0, SOURCE_COLUMNS), meta.source_dtype)
-    return _Part(directory, lo, hi, meta, sources.astype(np.int64))
+    return _Part(directory, lo, hi, meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Span:
+    """One part shard as the global rows [start, stop) of the concatenated parts."""
+
+    start: int
+    stop: int
+    part: _Part
+    shard: ShardInfo
+
+
+def _part_sources(span: _Span, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) (global, within the span) of the span's .src, image indices made global:
+    [hi - lo, 2] in the store's source dtype. Only these rows are read (the merge holds one
+    output shard's sources at a time, not the recording's)."""
+    meta = span.part.meta
+    dtype = np.dtype(meta.source_dtype)
+    src = shard_paths(span.part.directory, span.shard.name)[1]
+    rows = np.fromfile(src, dtype=dtype, count=(hi - lo) * SOURCE_COLUMNS,
+                       offset=(lo - span.start) * SOURCE_COLUMNS * dtype.itemsize).reshape(-1, SOURCE_COLUMNS)
+    if len(rows) != hi - lo:
+        raise StoreError(f"{src} holds fewer rows than its meta.json says; delete {span.part.directory} and rerun "
+                         "with resume=True to record that part again")
+    rows[:, 0] += span.part.lo
+    return rows
 
 
 def single_process_shards(tokens_per_batch: np.ndarray, shard_tokens: int) -> list[int]:
@@ -392,29 +486,32 @@ def _merge_layer(parts: list[_Part], dest: Path, settings: dict, *, in_memory: b
                                  f"{getattr(part.meta, field)!r} in {part.directory}; delete "
                                  f"{parts[0].directory.parents[1]} and record again")
     n_items, batch_size = settings["images"]["count"], settings["batch_size"]
-    image = np.concatenate([p.sources[:, 0] + p.lo for p in parts])  # [N] global image index per row
-    position = np.concatenate([p.sources[:, 1] for p in parts])
-    per_batch = np.bincount(image // batch_size, minlength=-(-n_items // batch_size))
-    sizes = single_process_shards(per_batch, settings["shard_tokens"])
-    dest.mkdir()
     # Every part shard as a global row range [start, stop), with its files.
     spans, start = [], 0
     for part in parts:
         for shard in part.meta.shards:
-            spans.append((start, start + shard.tokens, part.directory, shard))
+            spans.append(_Span(start, start + shard.tokens, part, shard))
             start += shard.tokens
-    by_range = {(a, b): (d, s) for a, b, d, s in spans}
+    per_batch = np.zeros(-(-n_items // batch_size), dtype=np.int64)  # tokens of each single-process batch
+    for span in spans:  # one part shard's sources at a time
+        per_batch += np.bincount(_part_sources(span, span.start, span.stop)[:, 0] // batch_size,
+                                 minlength=len(per_batch))
+    sizes = single_process_shards(per_batch, settings["shard_tokens"])
+    dest.mkdir()
+    by_range = {(span.start, span.stop): span for span in spans}
     infos, row = [], 0
     for i, size in enumerate(sizes):
         name = f"shard-{i:05d}"
         bin_path, src_path = shard_paths(dest, name)
-        sources = np.stack([image[row:row + size], position[row:row + size]], axis=1).astype(first.source_dtype)
+        sources = np.concatenate([_part_sources(span, max(span.start, row), min(span.stop, row + size))
+                                  for span in spans if span.start < row + size and span.stop > row]
+                                 ).astype(first.source_dtype, copy=False)
         found = by_range.get((row, row + size))
         if found is not None:
-            h = _link_verified(found[0], found[1], bin_path)
+            h = _link_verified(found.part.directory, found.shard, bin_path)
         else:
             h = _copy_rows(spans, row, row + size, bin_path, first)
-        _write_synced(src_path, sources.tobytes())
+        _write_synced(src_path, sources)
         h.update(sources.tobytes())
         infos.append(ShardInfo(name=name, tokens=size, blake2b=h.hexdigest()))
         row += size
@@ -466,7 +563,8 @@ def _copy_rows(spans, start: int, stop: int, bin_path: Path, meta: StoreMetadata
     row_bytes = meta.d_in * meta.itemsize
     h = digest()
     with open(bin_path, "wb") as out:
-        for a, b, directory, shard in spans:
+        for span in spans:
+            a, b, directory, shard = span.start, span.stop, span.part.directory, span.shard
             lo, hi = max(a, start), min(b, stop)
             if lo >= hi:
                 continue
@@ -487,11 +585,8 @@ def _copy_rows(spans, start: int, stop: int, bin_path: Path, meta: StoreMetadata
     return h
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+def _write_synced(path: Path, data: np.ndarray) -> None:
+    _write_durably(path, data)  # the store writer's write + fsync (a name the crash tests patch)
 
 
 def _concat_images(parts: list[_Part], dest: Path, n_items: int, in_memory: bool) -> ImagesInfo:

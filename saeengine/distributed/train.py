@@ -280,7 +280,7 @@ class _ShardedRun:
         if self.mesh.rank == 0:
             try:
                 latest = ck.latest_sharded(self.root)
-                sae = ck.sae_from_shard(ck.load_full(latest, run_id=self.run_id)).eval()
+                sae = ck.sae_from_shard(ck.load_full(latest, run_id=self.run_id, weights_only=True)).eval()
                 provenance = {**run_provenance(self.cfg, steps, self.global_source), "run_id": self.run_id,
                               "mesh": str(self.mesh.spec), "exported_from": str(latest)}
                 sae.save(self.out_dir / self.cfg.run_name, provenance=provenance)
