@@ -76,16 +76,22 @@ def run_encode(args: argparse.Namespace) -> int:
     encoded = encode_store(args.sae, args.data, args.out, batch_tokens=args.batch_tokens, top_k=args.top_k,
                            device=device, backend=args.backend, resume=not args.no_resume,
                            progress=not args.no_progress)
+    report_encoded(encoded, args.out)
+    return 0
+
+
+def report_encoded(encoded, out, where: str = "") -> None:
+    """What saeengine encode prints: the counts and metrics, then the files (``where``:
+    e.g. " on 4 ranks")."""
     m, counts = encoded.metrics, encoded.summary["counts"]
 
     def number(key: str, form: str) -> str:
         return "n/a" if m.get(key) is None else format(m[key], form)
 
-    print(f"encoded {counts['tokens']} tokens of {counts['images']} images with {counts['d_sae']} latents | "
+    print(f"encoded {counts['tokens']} tokens of {counts['images']} images with {counts['d_sae']} latents{where} | "
           f"FVU {number('fvu', '.4f')} | L0 {number('l0', '.2f')} | dead {number('dead_fraction', '.1%')} | "
           f"dense {number('dense_fraction', '.1%')}")
-    print(f"wrote {', '.join(sorted(encoded.summary['files']))} to {args.out} (summary.json says what each holds)")
-    return 0
+    print(f"wrote {', '.join(sorted(encoded.summary['files']))} to {out} (summary.json says what each holds)")
 
 
 def interrupted_encode(args: argparse.Namespace) -> str:

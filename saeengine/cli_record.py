@@ -101,7 +101,6 @@ def run_record(args: argparse.Namespace) -> int:
 
     from .backbones import record_activations
     from .backbones.record import check_out_dir
-    from .store import ActivationStore
 
     for flag, value in (("--batch-size", args.batch_size), ("--shard-tokens", args.shard_tokens)):
         if value < 1:
@@ -127,6 +126,15 @@ def run_record(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, dtype=args.dtype, shard_tokens=args.shard_tokens,
                                 progress=not args.no_progress, resume=args.resume,
                                 skip_unreadable=args.skip_unreadable)
+    report_recorded(stores, backbone.name, args.out_dir)
+    return 0
+
+
+def report_recorded(stores: dict, backbone_name: str, out_dir, where: str = "") -> None:
+    """What saeengine record prints: each layer's store, then one summary line (``where``:
+    e.g. " on 4 ranks")."""
+    from .store import ActivationStore
+
     images = skipped = 0
     for layer, path in stores.items():
         store = ActivationStore(path)
@@ -134,5 +142,4 @@ def run_record(args: argparse.Namespace) -> int:
         print(f"{layer}: {store.n_tokens} tokens of {store.n_images} images, d_in {store.d_in} "
               f"({store.meta.dtype}) -> {path}")
     print(f"recorded {images} images ({skipped} skipped as unreadable) at {len(stores)} layers of "
-          f"{backbone.name} into {args.out_dir}")
-    return 0
+          f"{backbone_name}{where} into {out_dir}")

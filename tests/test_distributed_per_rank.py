@@ -2,9 +2,13 @@
 gloo ranks each SAE of a sweep (and of a several-layers run) equals, bit for bit, the one
 ``saeengine.train(data, cfg)`` makes alone, and lands in the folder a single-process run
 uses; the summary holds each run's rank and the last line of its metrics.jsonl; a rerun
-resumes; a rerun on other data is refused and leaves the SAEs as they were; repeated
-folders, a data list of the wrong length and ranks given different configs are refused;
-a rank without a config only joins the barrier; the CLI (``--per-rank``) under torchrun.
+returns the finished SAEs; a rerun on other data is refused and leaves the SAEs as they
+were; a rerun that fails mid-training (an error, Ctrl-C) never replaces or hides a finished
+SAE, also with its unfinished folder beside it; a rerun at another world size finds the
+finished leftovers of a killed job; repeated folders, a data list of the wrong length, bad
+RANK / WORLD_SIZE, one rank's bad arguments and ranks given different configs or tensors
+are refused on every rank; a rank without a config only joins the barrier; the CLI
+(``--per-rank``) under torchrun.
 
 Spawning costs seconds per process, so one spawned group runs every multi-rank phase.
 """
@@ -137,6 +141,10 @@ def test_rank_world_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "one")
     with pytest.raises(InputError, match="RANK='one'"):
         train_per_rank(x, configs)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "two")  # read by launch.world_from_env, as --mesh does
+    with pytest.raises(InputError, match="WORLD_SIZE='two'"):
+        train_per_rank(x, configs)
 
 
 def test_a_second_job_on_the_same_folders_is_refused(tmp_path):
@@ -165,6 +173,131 @@ def test_a_second_job_on_the_same_folders_is_refused(tmp_path):
     assert "before the first checkpoint" in interrupted_per_rank(argparse.Namespace(out_dir=str(tmp_path / "none")))
 
 
+def folder_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+class Interrupt:
+    """Replaces TrainStep.__call__: raise ``error`` at the ``after``-th step, once a
+    checkpoint holds the run (checkpoint_every_tokens=16: one per step)."""
+
+    def __init__(self, monkeypatch, error: BaseException, after: int = 3):
+        from saeengine.trainer.step import TrainStep
+
+        real, self.calls = TrainStep.__call__, 0
+
+        def step(train_step, x):
+            self.calls += 1
+            if self.calls == after:
+                raise error
+            return real(train_step, x)
+
+        monkeypatch.setattr(TrainStep, "__call__", step)
+
+
+def spy_train(monkeypatch) -> list[list[str]]:
+    """The run names of each saeengine.train call that per_rank makes."""
+    import saeengine.trainer as trainer
+
+    calls, real = [], trainer.train
+
+    def train(data, configs):
+        calls.append([c.run_name for c in configs])
+        return real(data, configs)
+
+    monkeypatch.setattr(trainer, "train", train)
+    return calls
+
+
+# train's own warning about the work folder's earlier run
+@pytest.mark.filterwarnings("ignore:TrainConfig.resume=False.*holds an earlier run")
+def test_a_failed_rerun_never_replaces_a_finished_sae(tmp_path, monkeypatch):
+    """A finished SAE stays as it is through a rerun that raises mid-training (an error, or
+    Ctrl-C) after writing checkpoints; with that run's unfinished folder beside it (both
+    exist), a rerun returns the finished SAE without training, a rerun on other data is
+    refused; resume=False replaces it only once the new run has finished. The provenance
+    records the caller's out_dir and device."""
+    x, y = acts(N, D, 0), acts(N, D, 1)
+    out = tmp_path / "run"
+    cfg = tiny(out, checkpoint_every_tokens=16)
+    (first,) = train_per_rank(x, [cfg], rank=0, world=1)
+    final = out / cfg.run_name
+    before = folder_bytes(final)
+    provenance = json.loads((final / "config.json").read_text())["provenance"]
+    assert provenance["train_config"] == cfg.to_dict()  # out_dir and device as given, not the work folder's
+
+    work = next((out / WORK_DIR).glob("*/run/checkpoints")).parent  # the call's work folder
+    for error in (RuntimeError("disk on fire"), KeyboardInterrupt()):
+        with pytest.MonkeyPatch.context() as patch:
+            Interrupt(patch, error)
+            with pytest.raises(type(error)), pytest.warns(UserWarning, match="replaces it once that run has finished"):
+                train_per_rank(y, [dataclasses.replace(cfg, resume=False)], rank=0, world=1)
+        assert folder_bytes(final) == before, type(error).__name__
+        assert (work / cfg.run_name / "metrics.jsonl").exists()  # the interrupted run's own folder
+        assert sorted(p.name for p in (work / "checkpoints").glob("step-*")) == ["step-000000002"]
+
+    calls = spy_train(monkeypatch)
+    (again,) = train_per_rank(x, [cfg], rank=0, world=1)  # both exist: the finished one, as it is
+    assert calls == [] and same(again.state_dict(), first.state_dict()) and not again.training
+    assert folder_bytes(final) == before
+    with pytest.raises(DataMismatchError, match="the data differs"):
+        train_per_rank(y, [cfg], rank=0, world=1)
+    assert folder_bytes(final) == before and calls == []
+
+    with pytest.warns(UserWarning, match="resume=False"):
+        (fresh,) = train_per_rank(y, [dataclasses.replace(cfg, resume=False)], rank=0, world=1)
+    alone = saeengine.train(y, dataclasses.replace(cfg, out_dir=str(tmp_path / "alone")))
+    assert calls == [[cfg.run_name]] and same(fresh.state_dict(), alone.state_dict())
+    assert same(saeengine.SAE.load(final).state_dict(), alone.state_dict())
+    assert metric_lines(final) == metric_lines(tmp_path / "alone" / cfg.run_name)
+    assert not list((out / WORK_DIR).glob("replaced/*"))  # the replaced SAE is gone, nothing half-left
+
+    # a folder in the SAE's place without a saved SAE is not overwritten
+    other = tiny(out, k=8)
+    (out / other.run_name).mkdir()
+    (out / other.run_name / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds no saved SAE"):
+        train_per_rank(x, [other], rank=0, world=1)
+    assert [p.name for p in (out / other.run_name).iterdir()] == ["notes.txt"]
+
+
+def test_a_rerun_at_another_world_size_finds_the_leftovers(tmp_path, monkeypatch, caplog):
+    """World 2 (no process group: rank= / world=): rank 0's sweep call [0, 2] is killed
+    after train returned, before its SAEs were moved into place; rank 1's [1, 3] is killed
+    mid-training. A rerun at world 1 moves 0 and 2 into place without training them, warns
+    that the unfinished 1 and 3 start over, and trains those: all equal single-process
+    runs, with the caller's out_dir in their provenance."""
+    from saeengine.distributed import per_rank
+
+    x = acts(N, D, 0)
+    out = tmp_path / "run"
+    configs = [tiny(out, k=k, checkpoint_every_tokens=16) for k in (2, 4, 8, 16)]
+    names = [c.run_name for c in configs]
+    with pytest.MonkeyPatch.context() as patch:  # killed between train's return and the first move
+        patch.setattr(per_rank, "_place", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            train_per_rank(x, configs, rank=0, world=2)
+    with pytest.MonkeyPatch.context() as patch:
+        Interrupt(patch, KeyboardInterrupt(), after=5)  # a sweep of 2: the 3rd step
+        with pytest.raises(KeyboardInterrupt):
+            train_per_rank(x, configs, rank=1, world=2)
+    assert not any((out / n).exists() for n in names)  # nothing in place yet
+
+    calls = spy_train(monkeypatch)
+    with caplog.at_level("WARNING", logger="saeengine"):
+        saes = train_per_rank(x, configs, rank=0, world=1)
+    assert calls == [[names[1], names[3]]]  # 0 and 2 were found finished
+    unfinished = [r.getMessage() for r in caplog.records if "unfinished run" in r.getMessage()]
+    assert len(unfinished) == 2 and all("world 2" in m for m in unfinished)
+    for cfg, sae in zip(configs, saes):
+        alone = saeengine.train(x, dataclasses.replace(cfg, out_dir=str(tmp_path / "alone" / cfg.run_name)))
+        assert same(sae.state_dict(), alone.state_dict()), cfg.run_name
+        assert same(saeengine.SAE.load(out / cfg.run_name).state_dict(), alone.state_dict())
+        recorded = json.loads((out / cfg.run_name / "config.json").read_text())["provenance"]["train_config"]
+        assert recorded == cfg.to_dict(), cfg.run_name
+    assert not list((out / WORK_DIR).glob(f"*/run/{names[0]}"))  # moved, not copied
+
+
 # ----- 2 gloo ranks ----------------------------------------------------------------------------
 def _world2(rank: int, world: int, root: str, store: str, other: str, layers: list) -> dict:
     """Every phase on one group: the sweep on a store, its rerun, a rerun on other data,
@@ -179,7 +312,7 @@ def _world2(rank: int, world: int, root: str, store: str, other: str, layers: li
     from saeengine.distributed import comm
     from saeengine.distributed.cli_per_rank import run_per_rank_cli
 
-    out: dict = {"other_data": None, "mismatch": None}
+    out: dict = {"other_data": None, "mismatch": None, "other_tensor": "", "bad_args": None}
     with comm.counting() as log:
         out["sweep"] = states(train_per_rank(store, sweep(Path(root) / "sweep")))
     out["collectives"] = [(r.op, r.what) for r in log]
@@ -197,6 +330,14 @@ def _world2(rank: int, world: int, root: str, store: str, other: str, layers: li
         train_per_rank(layers[0], mine)
     except ConfigError as err:
         out["mismatch"] = str(err)
+    try:  # the same shape and dtype on both ranks, other values on rank 1
+        train_per_rank(layers[0] + rank, [tiny(Path(root) / "mismatch", k=4)])
+    except ConfigError as err:
+        out["other_tensor"] = str(err)
+    try:  # rank 1 alone gets a bad argument: nobody may wait for it in the config gather
+        train_per_rank(layers[0], [tiny(Path(root) / "mismatch")] if rank == 0 else tiny(Path(root) / "mismatch"))
+    except InputError as err:
+        out["bad_args"] = (type(err).__name__, str(err))
     args = build_parser().parse_args(_train_argv(store, Path(root) / "cli"))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         out["cli"] = run_per_rank_cli(args, train_configs(args))
@@ -221,11 +362,17 @@ def test_two_ranks_equal_single_process_training(tmp_path):
         for i, got, again in zip(mine, report["sweep"], report["rerun"]):
             assert same(got, alone[i].state_dict()), configs[i].run_name
             assert same(again, got)  # the rerun resumed the finished runs: the same SAEs
-        # one gather at start (same configs everywhere), one at the end (summary + barrier)
-        assert report["collectives"] == [("all_gather_object", "config_check"),
+        # at start: one gather of the start-up errors, one of the configs; one at the end (summary + barrier)
+        assert report["collectives"] == [("all_gather_object", "per_rank_start"), ("all_gather_object", "config_check"),
                                          ("all_gather_object", "per_rank_summary")]
         assert report["other_data"] is not None and "the data differs" in report["other_data"]
         assert "configs[1].k: 8 on rank 0; 16 on rank 1" in report["mismatch"]
+        # same shape and dtype, other values: told apart by the SHA-256
+        assert "data: " in report["other_tensor"] and "sha256" in report["other_tensor"]
+    # one rank's bad arguments: its own InputError there, an InputError naming it on the other
+    assert "list of TrainConfigs" in reports[1]["bad_args"][1] and reports[1]["bad_args"][0] == "InputError"
+    assert reports[0]["bad_args"][0] == "InputError"
+    assert "failed on rank 1; rank 1: InputError: train_per_rank takes a list" in reports[0]["bad_args"][1]
 
     # the single-process layout: each SAE, and its metric lines, in sweep/<name>/
     for i, cfg in enumerate(configs):
@@ -322,6 +469,15 @@ def test_cli_refuses_mesh_with_per_rank_and_a_missing_store(tmp_path):
     args.mesh = "data=2"
     with pytest.raises(UsageError, match="--per-rank and --mesh data=2"):
         run_per_rank_cli(args, [])
+    args.mesh, args.data = None, str(tmp_path)
+    with pytest.MonkeyPatch.context() as env:  # launch's reading of torchrun's environment
+        env.setenv("WORLD_SIZE", "2")
+        env.delenv("MASTER_ADDR", raising=False)
+        with pytest.raises(InputError, match="MASTER_ADDR"):
+            run_per_rank_cli(args, cli_configs(_train_argv(str(tmp_path), tmp_path / "out")))
+        env.setenv("WORLD_SIZE", "x")
+        with pytest.raises(InputError, match="WORLD_SIZE='x'"):
+            run_per_rank_cli(args, cli_configs(_train_argv(str(tmp_path), tmp_path / "out")))
     if _has_hook():  # through the command line: a usage error, exit code 2
         from saeengine.cli import main
 

@@ -10,7 +10,6 @@ the summary file.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -28,17 +27,19 @@ def add_per_rank_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-rank", dest="per_rank", action="store_true", default=False, help=PER_RANK_HELP)
 
 
-def _join_torchrun() -> bool:
-    """Initialize a gloo process group from torchrun's environment when there is more
-    than one rank and none exists; True when this call created it. gloo even on GPUs:
-    the only collectives are two all_gather_object calls of small Python objects."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1 or dist.is_initialized():
-        return False
+def _joined():
+    """launch.distributed for the whole job (a mesh of data=world, latent=1): torchrun's
+    process group when WORLD_SIZE is set and none exists (gloo even on GPUs: the only
+    collectives are a few all_gather_object calls of small Python objects; with the 72 h
+    BARRIER_TIMEOUT, since the final barrier waits for the slowest rank's whole share),
+    destroyed at the end; the caller's group as it is; no group without torchrun. Bad
+    WORLD_SIZE, or torchrun variables missing: InputError."""
+    from .launch import distributed, world_from_env
+    from .mesh import MeshSpec
     from .per_rank import BARRIER_TIMEOUT
 
-    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    return True
+    world = dist.get_world_size() if dist.is_initialized() else (world_from_env() or 1)
+    return distributed(MeshSpec(data=world), "cpu", timeout_s=BARRIER_TIMEOUT.total_seconds())
 
 
 def run_per_rank_cli(args: argparse.Namespace, configs: list) -> int:
@@ -46,7 +47,7 @@ def run_per_rank_cli(args: argparse.Namespace, configs: list) -> int:
     SAE (prefixed with the rank), and on rank 0 where the summary is. Returns 0."""
     from ..cli_commands import final_metrics
     from ..cli_failures import UsageError
-    from .per_rank import SUMMARY, assigned, train_per_rank
+    from .per_rank import SUMMARY, assigned, rank_and_world, train_per_rank
 
     if getattr(args, "mesh", None) is not None:
         raise UsageError(f"--per-rank and --mesh {args.mesh} both split the job over the ranks: --per-rank gives each "
@@ -54,11 +55,9 @@ def run_per_rank_cli(args: argparse.Namespace, configs: list) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such activation store (record one with saeengine record "
                                 f"or saeengine.store.ActivationWriter)")
-    created = _join_torchrun()
-    try:
+    with _joined():
         saes = train_per_rank(args.data, configs)
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0") or 0)
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1") or 1)
+        rank, world = rank_and_world()
         mine = assigned(len(configs), rank, world)
         if not mine:
             print(f"[rank {rank}/{world}] no SAE to train ({len(configs)} configs for {world} ranks)")
@@ -70,9 +69,6 @@ def run_per_rank_cli(args: argparse.Namespace, configs: list) -> int:
         if rank == 0 and (dist.is_initialized() or world == 1):
             for out_dir in dict.fromkeys(c.out_dir for c in configs):
                 print(f"[rank 0/{world}] summary of every rank's runs: {Path(out_dir) / SUMMARY}")
-    finally:
-        if created:
-            dist.destroy_process_group()
     return 0
 
 

@@ -536,13 +536,7 @@ def run_encode_distributed(args) -> int:
                                      progress=not args.no_progress and mesh.rank == 0)
         if mesh.rank != 0:
             return 0
-    m, counts = encoded.metrics, encoded.summary["counts"]
+    from ..cli_encode import report_encoded
 
-    def number(key: str, form: str) -> str:
-        return "n/a" if m.get(key) is None else format(m[key], form)
-
-    print(f"encoded {counts['tokens']} tokens of {counts['images']} images with {counts['d_sae']} latents on "
-          f"{mesh.world_size} ranks | FVU {number('fvu', '.4f')} | L0 {number('l0', '.2f')} | dead "
-          f"{number('dead_fraction', '.1%')} | dense {number('dense_fraction', '.1%')}")
-    print(f"wrote {', '.join(sorted(encoded.summary['files']))} to {args.out} (summary.json says what each holds)")
+    report_encoded(encoded, args.out, f" on {mesh.world_size} ranks")
     return 0

@@ -618,7 +618,7 @@ def run_record_distributed(args, load_backbone) -> int:
     torchrun's environment (saeengine.distributed.launch: NCCL and cuda:LOCAL_RANK with
     GPUs, gloo and the CPU without), every rank records its part, rank 0 merges and prints
     what saeengine record prints. ``load_backbone(args)``: cli_record's model loading."""
-    from ..store import ActivationStore
+    from ..cli_record import report_recorded
     from .launch import distributed, world_from_env
 
     with distributed(f"data={world_from_env()}", args.device) as mesh:
@@ -632,10 +632,5 @@ def run_record_distributed(args, load_backbone) -> int:
                                     skip_unreadable=args.skip_unreadable)
         if mesh.rank != 0:
             return 0
-        for layer, path in stores.items():
-            store = ActivationStore(path)
-            print(f"{layer}: {store.n_tokens} tokens of {store.n_images} images, d_in {store.d_in} "
-                  f"({store.meta.dtype}) -> {path}")
-        print(f"recorded {store.n_images} images ({len(store.meta.progress.get('skipped', []))} skipped as "
-              f"unreadable) at {len(stores)} layers of {backbone.name} on {mesh.world_size} ranks into {args.out_dir}")
+        report_recorded(stores, backbone.name, args.out_dir, f" on {mesh.world_size} ranks")
     return 0
