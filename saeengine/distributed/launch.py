@@ -124,9 +124,9 @@ def distributed(mesh: MeshSpec | str, device: str = "auto", *, timeout_s: float 
     world = world_from_env()
     check_world(spec, world)
     if world is None:  # one plain process: no process group, and any device the single-process trainer takes
-        from ..trainer.loop import _device
+        from ..trainer.loop import resolve_device
 
-        yield Mesh.single(_device(device))
+        yield Mesh.single(resolve_device(device))
         return
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:

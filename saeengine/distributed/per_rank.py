@@ -255,12 +255,12 @@ def _finished(directory: Path, cfg: TrainConfig, identity: dict) -> bool | None:
     fewer steps), None (no saved SAE there). Raises as the trainer does for a saved SAE it
     may not continue: DataMismatchError (other data), CheckpointError (other settings, or
     unverifiable)."""
-    from ..trainer.rundir import _check_finished, _saved_provenance
+    from ..trainer.rundir import check_finished, saved_provenance
 
-    provenance = _saved_provenance(directory)
+    provenance = saved_provenance(directory)
     if provenance is None:
         return None
-    _check_finished([_Folder(cfg, directory)], _Data(identity))
+    check_finished([_Folder(cfg, directory)], _Data(identity))
     return provenance["steps"] == cfg.steps
 
 
@@ -349,7 +349,7 @@ def _train_call(data, cfgs: list[TrainConfig], users: list[TrainConfig], identit
     from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
     from ..sae import SAE
     from ..trainer import train
-    from ..trainer.loop import _device
+    from ..trainer.loop import resolve_device
     from ..trainer.metrics import METRICS
 
     out_dir = Path(cfgs[0].out_dir)
@@ -385,7 +385,7 @@ def _train_call(data, cfgs: list[TrainConfig], users: list[TrainConfig], identit
             if done is None and _promote_leftover(root, work, final, cfg, user, identity):
                 done = True
             if done:
-                saes[cfg.run_name] = SAE.load(final, device=_device(cfg.device)).eval()
+                saes[cfg.run_name] = SAE.load(final, device=resolve_device(cfg.device)).eval()
                 continue
             if done is False:  # a run this config continues (total_tokens grew): replaced when it has
                 replace.add(cfg.run_name)

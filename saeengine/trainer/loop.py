@@ -33,7 +33,7 @@ class _Run:
     log: MetricsLog | None = None
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """TrainConfig.device -> the device; ConfigError for a GPU that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -238,7 +238,7 @@ def train(data, config: TrainConfig | list[TrainConfig]) -> SAE | list[SAE]:
     configs = _configs(config)
     check_sweep(configs)
     first = configs[0]
-    device = _device(first.device)
+    device = resolve_device(first.device)
     source = batch_source(data, first.batch_size, first.seed, device)
     out_dir = Path(first.out_dir)
     with exclusive_lock(out_dir, "training run folder"):

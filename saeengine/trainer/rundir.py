@@ -30,7 +30,7 @@ from .checkpoints import CHECKPOINTS, check_resumable, data_mismatch, latest_che
 from .config import TrainConfig
 
 
-PROVENANCE_FIELDS = {"data": dict, "train_config": dict, "steps": int}  # what _check_finished compares
+PROVENANCE_FIELDS = {"data": dict, "train_config": dict, "steps": int}  # what check_finished compares
 
 
 def _unverifiable(directory: Path, why: str) -> CheckpointError:
@@ -39,7 +39,7 @@ def _unverifiable(directory: Path, why: str) -> CheckpointError:
                            "another name (TrainConfig.name) or out_dir to keep it, or pass resume=False to replace it")
 
 
-def _saved_provenance(directory: Path) -> dict | None:
+def saved_provenance(directory: Path) -> dict | None:
     """The provenance of the SAE saved in ``directory`` (its fields checked), or None when
     no SAE is saved there; CheckpointError for one whose config.json cannot say."""
     path = directory / CONFIG_FILE
@@ -59,11 +59,11 @@ def _saved_provenance(directory: Path) -> dict | None:
     return provenance
 
 
-def _check_finished(runs, source) -> None:
+def check_finished(runs, source) -> None:
     """The SAEs already saved in the runs' folders were trained on this data, with
     settings that this run continues."""
     for run in runs:
-        provenance = _saved_provenance(run.directory)
+        provenance = saved_provenance(run.directory)
         if provenance is None:
             continue
         if provenance["data"] != source.identity():
@@ -102,5 +102,5 @@ def prepare_run_folder(out_dir: Path, runs, source, resume: bool) -> Path | None
         return None
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None:
-        _check_finished(runs, source)
+        check_finished(runs, source)
     return checkpoint
