@@ -12,7 +12,7 @@ factor (what each rank sends: all_gather (P-1)/P of the gathered tensor, all_red
 A group of size 1 (or None: no process group) issues nothing and records nothing.
 
 Closed forms (:func:`latent_axis_bytes`, :func:`ddp_bytes`, :func:`memory_per_rank`,
-:func:`widest_fitting`) follow evaluation-tasks.md §5.2; ``benchmarks/distributed_comm.py``
+:func:`widest_fitting`) are docs/distributed.md's; ``benchmarks/distributed_comm.py``
 prints them beside the counted numbers.
 """
 

@@ -102,7 +102,7 @@ def encode_distributed(sae, store, out_dir, *, batch_tokens: int = 8192, top_k: 
                        rank: int | None = None, world: int | None = None):
     """:func:`~saeengine.eval.encode.encode_store` over the ranks of torch.distributed: every
     rank calls it with the same arguments (``device``: this rank's, e.g. cuda:LOCAL_RANK;
-    None as encode_store); returns the merged output's EncodedDataset on every rank. One
+    None as encode_store); returns the merged output's EncodedDataset on rank 0 and None on the others. One
     process (no torch.distributed, or a world of 1): exactly encode_store.
 
     Rank 0 returns the merged output's EncodedDataset once it is written; the other ranks

@@ -373,7 +373,7 @@ class LatentShardedSAE(nn.Module):
         super().__init__()
         if cfg.architecture != "topk":
             raise ConfigError(f"architecture={cfg.architecture!r}: latent sharding supports 'topk' only; train other "
-                              "architectures with a data axis alone (--mesh data=N) or one SAE per rank")
+                              "architectures with saeengine.train, or one SAE per rank (--per-rank)")
         self.cfg, self.mesh = cfg, mesh
         self.lo, self.hi = mesh.latent_slice(cfg.d_sae)
         device = torch.device(device) if device is not None else mesh.device

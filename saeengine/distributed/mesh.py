@@ -9,7 +9,7 @@ GPUs, one node's NVLink carries the latent axis's per-step traffic, and the data
 Groups are plain ``torch.distributed.new_group`` calls, one per row and per column, made
 by every rank in the same order (new_group's contract). DeviceMesh would give the same
 groups; explicit groups keep the hot path on plain collectives over local tensors
-(evaluation-tasks.md §5.2) and work the same on gloo.
+and work the same on gloo.
 
 Uneven widths: F need not divide by the latent axis; :func:`latent_slice` gives the first
 F mod P ranks one latent more (the rule of ``torch.tensor_split``), so slices differ by

@@ -103,8 +103,8 @@ class ShardedTrainStep:
         field and the fix."""
         if cfg.architecture != "topk":
             raise ConfigError(f"architecture={cfg.architecture!r}: latent sharding trains 'topk' SAEs only; train "
-                              "other architectures with a data axis alone (one SAE per rank, or --mesh data=N with "
-                              "latent=1 through the single-process SAE) or set architecture='topk'")
+                              "other architectures with saeengine.train, or one SAE per rank (--per-rank), or set "
+                              "architecture='topk'")
         if cfg.autocast != "none":
             raise ConfigError(f"autocast={cfg.autocast!r}: the latent-sharded step computes in the parameters' dtype; "
                               "set autocast='none'")
