@@ -171,7 +171,10 @@ def check_meshes_match_single_process(tmp, data, results, tmp_path):
         assert provenance["train_config"] == cfg.to_dict()
         counted = results[0][f"{mesh} collectives"]  # start-up decisions and init go through comm, counted
         assert {"world:broadcast_object:start", "world:broadcast:init_replicated",
-                "world:all_gather_object:config_check"} <= set(counted), counted
+                "world:all_gather_object:config_check", "world:all_gather_object:checkpoint_records"
+                } <= set(counted), counted
+        # the data replicas' fired stamps are MAX-reduced before a save, counted like the rest
+        assert ("data:all_reduce:checkpoint_last_fired" in counted) == (mesh == "data=2,latent=1"), counted
     sparse_ref, _ = oracle(data, make_cfg(tmp_path / "s", optimizer="row_sparse_adam"), tmp_path / "s")
     assert_same_sae(results[0]["sparse"], sparse_ref)
 

@@ -484,6 +484,8 @@ def save_sharded(root: str | Path, step: int, shard: TrainingShard, mesh, *, run
     """
     import torch.distributed as dist
 
+    from . import comm
+
     world = dist.get_world_size(group)
     check_world((mesh.data_size, mesh.latent_size), world)
     if mesh.world_size != world or dist.get_rank(group) != mesh.rank:
@@ -491,7 +493,7 @@ def save_sharded(root: str | Path, step: int, shard: TrainingShard, mesh, *, run
                           f"{dist.get_rank(group)} of {world}; build the mesh in this process group (init_mesh)")
     if mesh.data_size > 1 and "last_fired" in shard.rows:
         fired = shard.rows["last_fired"].to(getattr(mesh, "device", "cpu"), copy=True)
-        dist.all_reduce(fired, op=dist.ReduceOp.MAX, group=mesh.data_group)
+        comm.all_reduce(fired, mesh.data_group, axis="data", what="checkpoint_last_fired", op="max")
         shard = replace(shard, rows={**shard.rows, "last_fired": fired.cpu()})
     err = None
     if mesh.rank == 0:
@@ -512,8 +514,8 @@ def save_sharded(root: str | Path, step: int, shard: TrainingShard, mesh, *, run
             on_written()
     except BaseException as exc:  # noqa: BLE001
         err = exc
-    records: list = [None] * world
-    dist.all_gather_object(records, (record, None if err is None else f"{type(err).__name__}: {err}"), group=group)
+    records = comm.all_gather_object((record, None if err is None else f"{type(err).__name__}: {err}"), group,
+                                     axis="world", what="checkpoint_records")
     if err is not None:
         raise err
     failed = [(r, e) for r, (_, e) in enumerate(records) if e is not None]

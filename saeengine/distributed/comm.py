@@ -105,13 +105,13 @@ def all_gather(tensor: torch.Tensor, group, *, axis: str, what: str) -> torch.Te
     return out
 
 
-def all_reduce(tensor: torch.Tensor, group, *, axis: str, what: str) -> torch.Tensor:
-    """Sum ``tensor`` over ``group`` in place (and return it)."""
+def all_reduce(tensor: torch.Tensor, group, *, axis: str, what: str, op: str = "sum") -> torch.Tensor:
+    """Sum (``op="max"``: the maximum of) ``tensor`` over ``group`` in place (and return it)."""
     p = group_size(group)
     if p == 1:
         return tensor
     _record("all_reduce", axis, tensor.numel() * tensor.element_size(), p, what)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
     return tensor
 
 
