@@ -148,3 +148,16 @@ def test_one_process_mesh_and_usage_errors(store, tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit) as sweep:
         main(["train", *args, "--sweep", "k_aux=2,4"])
     assert sweep.value.code == 2 and "--mesh trains one SAE" in capsys.readouterr().err
+
+
+def test_torchrun_world_that_does_not_match_the_mesh(store, tmp_path):
+    """torchrun starts 2 processes for a mesh of 4: each rank says so, before any collective
+    (no rank waits for a peer that never comes), and torchrun exits 1 quickly."""
+    start = time.monotonic()
+    done = run_cli(command(store, tmp_path / "w", mesh="data=2,latent=2", nproc=2))
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60  # not the 30 s collective timeout, twice
+    said = done.stderr.count("--mesh data=2,latent=2 needs data x latent = 2 x 2 = 4 processes, but torchrun "
+                             "started 2")
+    assert said == 2, done.stderr[-3000:]
+    assert not (tmp_path / "w" / "checkpoints").exists()
