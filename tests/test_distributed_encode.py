@@ -6,13 +6,12 @@ half-way (the folder reads unfinished, a rerun finishes), ranks that disagree or
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from encode_helpers import folder_bytes, make_sae, make_store
+from merge_helpers import cli_args, slow_merges
 
 from saeengine.distributed import encode as denc
 from saeengine.distributed._spawn import run
@@ -190,32 +189,16 @@ def test_an_out_dir_without_a_name_is_an_input_error(tmp_path, monkeypatch):
             denc._prepare(sae_of("topk"), store, out, 12, 3, None, "auto", True, False, None, 2)
 
 
-MERGE_SLOWER_S = 5.0  # rank 0's merge in the CLI test: longer than the collective timeout below
-TIMEOUT_S = "4"
-
-
 def _cli_ranks(rank, world, tmp):
     """`torchrun -m saeengine encode ...` as the CLI hook runs it: the process group from
-    torchrun's environment (launch.distributed), every rank the same arguments. The
-    collective timeout (SAEENGINE_DIST_TIMEOUT_S) is shorter than rank 0's merge: no rank
-    may wait in a collective while it merges."""
-    import argparse
-
-    os.environ["SAEENGINE_DIST_TIMEOUT_S"] = TIMEOUT_S
-    real = denc.merge_parts
-
-    def slow(job, w):  # a merge as slow as one of a big output
-        time.sleep(MERGE_SLOWER_S)
-        return real(job, w)
-
-    denc.merge_parts = slow
-
+    torchrun's environment (launch.distributed), every rank the same arguments, rank 0's
+    merge slower than the collective timeout (merge_helpers)."""
     from saeengine.cli_encode import add_encode_parser
 
-    parser = argparse.ArgumentParser()
-    add_encode_parser(parser.add_subparsers())
-    args = parser.parse_args(["encode", "--sae", f"{tmp}/sae", "--data", f"{tmp}/store", "--out", f"{tmp}/cli",
-                              "--batch-tokens", "12", "--top-k", "3", "--device", "cpu", "--no-progress"])
+    slow_merges(denc)
+    args = cli_args(add_encode_parser, ["encode", "--sae", f"{tmp}/sae", "--data", f"{tmp}/store", "--out",
+                                        f"{tmp}/cli", "--batch-tokens", "12", "--top-k", "3", "--device", "cpu",
+                                        "--no-progress"])
     return denc.run_encode_distributed(args)
 
 

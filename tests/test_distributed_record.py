@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from kill_child import kill_after_lines
+from merge_helpers import cli_args, slow_merges
 from PIL import Image
 
 from saeengine.backbones import record_activations
@@ -267,32 +266,16 @@ def test_another_ranks_error_keeps_its_class_where_it_can():
     comm.agree(None, "testing")
 
 
-MERGE_SLOWER_S = 5.0  # rank 0's merge in the CLI test: longer than the collective timeout below
-TIMEOUT_S = "4"
-
-
 def _cli_ranks(rank, world, tmp):
     """`torchrun -m saeengine record ...` as the CLI hook runs it: the process group from
-    torchrun's environment (launch.distributed), every rank the same arguments. The
-    collective timeout (SAEENGINE_DIST_TIMEOUT_S) is shorter than rank 0's merge: no rank
-    may wait in a collective while it merges."""
-    import argparse
-
-    os.environ["SAEENGINE_DIST_TIMEOUT_S"] = TIMEOUT_S
-    real = drec.merge_parts
-
-    def slow(*args):  # a merge as slow as one of a big recording
-        time.sleep(MERGE_SLOWER_S)
-        return real(*args)
-
-    drec.merge_parts = slow
-
+    torchrun's environment (launch.distributed), every rank the same arguments, rank 0's
+    merge slower than the collective timeout (merge_helpers)."""
     from saeengine.cli_record import add_record_parser
 
-    parser = argparse.ArgumentParser()
-    add_record_parser(parser.add_subparsers())
-    args = parser.parse_args(["record", f"{tmp}/imgs", "--layers", ",".join(LAYERS), "--out-dir", f"{tmp}/cli",
-                              "--batch-size", "1", "--shard-tokens", "128", "--device", "cpu", "--no-progress"])
+    slow_merges(drec)
+    args = cli_args(add_record_parser, ["record", f"{tmp}/imgs", "--layers", ",".join(LAYERS), "--out-dir",
+                                        f"{tmp}/cli", "--batch-size", "1", "--shard-tokens", "128", "--device",
+                                        "cpu", "--no-progress"])
     return drec.run_record_distributed(args, lambda args: tiny_backbone())
 
 
