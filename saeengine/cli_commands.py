@@ -75,6 +75,13 @@ def train_configs(args: argparse.Namespace) -> list:
     return sweep_configs(flags, parse_sweeps(args.sweep, flags))
 
 
+def require_store(args: argparse.Namespace) -> None:
+    """FileNotFoundError naming --data and how to make a store, when it does not exist."""
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data}: no such activation store (record one with saeengine record "
+                                f"or saeengine.store.ActivationWriter)")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
@@ -86,9 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         return run_train_distributed(args)
 
     configs = train_configs(args)
-    if not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data}: no such activation store (record one with saeengine record "
-                                f"or saeengine.store.ActivationWriter)")
+    require_store(args)
     saes = train(args.data, configs)
     for cfg, sae in zip(configs, saes):
         directory = Path(cfg.out_dir) / cfg.run_name

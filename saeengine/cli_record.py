@@ -114,20 +114,28 @@ def run_record(args: argparse.Namespace) -> int:
         from .distributed.record import run_record_distributed
 
         return run_record_distributed(args, _load_backbone)
-    backbone = _load_backbone(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        backbone.model.to(torch.device(device))
-    except (RuntimeError, AssertionError) as exc:  # no such device, or torch built without CUDA
-        raise InputError(f"--device {args.device}: {exc}") from exc
-    if args.image_size is not None:
-        backbone.image_size = args.image_size
+    backbone = place_backbone(_load_backbone(args), device, args)
     stores = record_activations(backbone, args.images, args.layers, args.out_dir, keep=args.keep,
                                 batch_size=args.batch_size, dtype=args.dtype, shard_tokens=args.shard_tokens,
                                 progress=not args.no_progress, resume=args.resume,
                                 skip_unreadable=args.skip_unreadable)
     report_recorded(stores, backbone.name, args.out_dir)
     return 0
+
+
+def place_backbone(backbone, device, args: argparse.Namespace):
+    """``backbone`` on ``device`` with --image-size applied (the single-process and the
+    torchrun recordings); InputError naming --device when the device cannot take it."""
+    import torch
+
+    try:
+        backbone.model.to(torch.device(device))
+    except (RuntimeError, AssertionError) as exc:  # no such device, or torch built without CUDA
+        raise InputError(f"--device {args.device}: {exc}") from exc
+    if args.image_size is not None:
+        backbone.image_size = args.image_size
+    return backbone
 
 
 def report_recorded(stores: dict, backbone_name: str, out_dir, where: str = "") -> None:

@@ -52,9 +52,9 @@ def run_per_rank_cli(args: argparse.Namespace, configs: list) -> int:
     if getattr(args, "mesh", None) is not None:
         raise UsageError(f"--per-rank and --mesh {args.mesh} both split the job over the ranks: --per-rank gives each "
                          "rank whole SAEs of the sweep, --mesh shards one SAE over them; choose one")
-    if not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data}: no such activation store (record one with saeengine record "
-                                f"or saeengine.store.ActivationWriter)")
+    from ..cli_commands import require_store
+
+    require_store(args)
     with _joined():
         saes = train_per_rank(args.data, configs)
         rank, world = rank_and_world()

@@ -47,9 +47,9 @@ def run_train_distributed(args: argparse.Namespace) -> int:
     if len(configs) != 1:
         raise UsageError(f"--mesh trains one SAE, but --sweep asks for {len(configs)}; drop --sweep, or train one "
                          "SAE per rank (--per-rank)")
-    if not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data}: no such activation store (record one with saeengine record "
-                                f"or saeengine.store.ActivationWriter)")
+    from ..cli_commands import require_store
+
+    require_store(args)
     cfg = configs[0]
     sae = train_sharded(args.data, cfg, args.mesh)
     if sae is not None:

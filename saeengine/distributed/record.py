@@ -618,14 +618,11 @@ def run_record_distributed(args, load_backbone) -> int:
     torchrun's environment (saeengine.distributed.launch: NCCL and cuda:LOCAL_RANK with
     GPUs, gloo and the CPU without), every rank records its part, rank 0 merges and prints
     what saeengine record prints. ``load_backbone(args)``: cli_record's model loading."""
-    from ..cli_record import report_recorded
+    from ..cli_record import place_backbone, report_recorded
     from .launch import distributed, world_from_env
 
     with distributed(f"data={world_from_env()}", args.device) as mesh:
-        backbone = load_backbone(args)
-        backbone.model.to(mesh.device)
-        if args.image_size is not None:
-            backbone.image_size = args.image_size
+        backbone = place_backbone(load_backbone(args), mesh.device, args)
         stores = record_distributed(backbone, args.images, args.layers, args.out_dir, keep=args.keep,
                                     batch_size=args.batch_size, dtype=args.dtype, shard_tokens=args.shard_tokens,
                                     progress=not args.no_progress, resume=args.resume,

@@ -56,7 +56,7 @@ from ..trainer.config import TrainConfig
 from ..trainer.data import batch_source, init_sample
 from ..trainer.finite import NonFiniteWatch
 from ..trainer.init import init_from_sample
-from ..trainer.loop import checkpoint_due, run_provenance
+from ..trainer.loop import check_init_from, checkpoint_due, run_provenance
 from ..trainer.metrics import MetricsLog
 from ..trainer.rundir import prepare_run_folder
 from . import checkpoint as ck
@@ -163,11 +163,7 @@ def _init_fresh(module: LatentShardedSAE, cfg: TrainConfig, source, mesh: Mesh) 
     the normalization and b_dec from the init sample; rank 0's replicated tensors sent to all."""
     if cfg.init_from:
         saved = SAE.load(cfg.init_from)
-        for field in ("d_in", "d_sae", "architecture"):
-            if getattr(saved.cfg, field) != getattr(module.cfg, field):
-                raise CheckpointError(f"TrainConfig.init_from={cfg.init_from!r}: the saved SAE has {field}="
-                                      f"{getattr(saved.cfg, field)!r} but this run has {getattr(module.cfg, field)!r}; "
-                                      f"set {field} to match, or start fresh (init_from='')")
+        check_init_from(saved.cfg, module.cfg, cfg.init_from)
         module.load_state_dict(LatentShardedSAE.from_sae(saved, mesh, device=module.b_dec.device).state_dict())
     else:
         init_from_sample(module, init_sample(source, cfg.seed), cfg.b_dec_init)

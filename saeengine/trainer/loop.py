@@ -67,16 +67,21 @@ def _make_run(cfg: TrainConfig, d_in: int, device: torch.device, out_dir: Path) 
     return _Run(cfg, sae, TrainStep(sae, cfg), out_dir / cfg.run_name)
 
 
+def check_init_from(saved, mine, directory: str) -> None:
+    """CheckpointError unless the saved SAEConfig ``saved`` (TrainConfig.init_from=directory)
+    fits this run's SAEConfig ``mine``: the same d_in, d_sae and architecture."""
+    for field in ("d_in", "d_sae", "architecture"):
+        if getattr(mine, field) != getattr(saved, field):
+            raise CheckpointError(f"TrainConfig.init_from={directory!r}: the saved SAE has {field}="
+                                  f"{getattr(saved, field)!r} but this run has {getattr(mine, field)!r}; "
+                                  f"set {field} to match, or start fresh (init_from='')")
+
+
 @torch.no_grad()
 def _start_from_saved(sae: SAE, directory: str) -> None:
     """Copy a saved SAE's weights and statistics into ``sae`` (TrainConfig.init_from)."""
     saved = SAE.load(directory, device=sae.W_enc.device)
-    mine, theirs = sae.cfg, saved.cfg
-    for field in ("d_in", "d_sae", "architecture"):
-        if getattr(mine, field) != getattr(theirs, field):
-            raise CheckpointError(f"TrainConfig.init_from={directory!r}: the saved SAE has {field}="
-                                  f"{getattr(theirs, field)!r} but this run has {getattr(mine, field)!r}; "
-                                  f"set {field} to match, or start fresh (init_from='')")
+    check_init_from(saved.cfg, sae.cfg, directory)
     sae.load_state_dict({name: value.to(sae.state_dict()[name].dtype) for name, value in saved.state_dict().items()})
 
 
